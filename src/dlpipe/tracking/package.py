@@ -1,0 +1,92 @@
+"""A model package: the plain directory a registry version stores (see docs/architecture.md).
+
+    <dir>/config.yaml  preprocessing.json  metadata.json  weights.pt | model.onnx
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dlpipe.config import PipelineConfig, load_config, save_config
+from dlpipe.tracking.metadata import ModelMetadata
+
+CONFIG_FILE = "config.yaml"
+PREPROCESSING_FILE = "preprocessing.json"
+METADATA_FILE = "metadata.json"
+WEIGHTS_FILE = "weights.pt"
+ONNX_FILE = "model.onnx"
+
+
+def save_model_package(
+    directory: str | Path,
+    cfg: PipelineConfig,
+    metadata: ModelMetadata,
+    net: nn.Module | None = None,
+    onnx_path: str | Path | None = None,
+) -> Path:
+    """Write a package directory with a PyTorch state_dict and/or an ONNX file.
+
+    `metadata.model_size_mb` is filled from the weights file written here when it is 0.
+    """
+    if net is None and onnx_path is None:
+        raise ValueError("a model package needs a network, an ONNX file, or both")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / CONFIG_FILE)
+    (out / PREPROCESSING_FILE).write_text(cfg.preprocessing.model_dump_json(indent=2))
+    model_file: Path
+    if net is not None:
+        model_file = out / WEIGHTS_FILE
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        torch.save(state, model_file)
+    if onnx_path is not None:
+        model_file = out / ONNX_FILE
+        src = Path(onnx_path)
+        if src.resolve() != model_file.resolve():
+            shutil.copyfile(src, model_file)
+        data = src.with_name(src.name + ".data")
+        if data.exists():  # external weights stay beside the graph
+            shutil.copyfile(data, out / (ONNX_FILE + ".data"))
+    if not metadata.model_size_mb:
+        metadata.model_size_mb = package_size_mb(out)
+    (out / METADATA_FILE).write_text(metadata.to_json())
+    return out
+
+
+def package_size_mb(directory: str | Path) -> float:
+    """Size of the model file(s) in a package, in MB (10^6 bytes)."""
+    d = Path(directory)
+    files = [d / ONNX_FILE, d / (ONNX_FILE + ".data")]
+    if not (d / ONNX_FILE).exists():
+        files = [d / WEIGHTS_FILE]
+    return round(sum(f.stat().st_size for f in files if f.exists()) / 1e6, 4)
+
+
+def load_package_config(directory: str | Path) -> PipelineConfig:
+    return load_config(Path(directory) / CONFIG_FILE)
+
+
+def load_package_metadata(directory: str | Path) -> ModelMetadata:
+    return ModelMetadata.from_json((Path(directory) / METADATA_FILE).read_text())
+
+
+def load_torch_model(directory: str | Path) -> nn.Module:
+    """Rebuild the network from a package's config and load its weights (eval mode)."""
+    from dlpipe.models import create_model
+
+    d = Path(directory)
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{d} has no {WEIGHTS_FILE} (is it an ONNX-only package?)")
+    cfg = load_package_config(d)
+    m = cfg.model
+    # pretrained=False: the saved weights replace whatever the builder would load.
+    net = create_model(
+        m.name, m.num_classes, m.in_channels, pretrained=False, dropout=m.dropout, **m.extra
+    )
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return net.eval()

@@ -1,0 +1,46 @@
+"""Shared fixtures: each test gets real stores on disk, never the user's own."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture
+def tmp_mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh MLflow sqlite store (tracking + registry) with artifacts under tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    monkeypatch.chdir(tmp_path)  # default artifact root ./mlruns lands in tmp_path
+    yield uri
+
+
+@pytest.fixture(scope="module")
+def module_mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One sqlite store shared by a test module (MLflow's schema set-up costs seconds)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["MLFLOW_REGISTRY_URI"] = uri
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        yield uri
+    finally:
+        os.chdir(cwd)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
