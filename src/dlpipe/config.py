@@ -177,7 +177,7 @@ class TrackingConfig(_Section):
     """None: MLFLOW_TRACKING_URI if set, else MLflow's own default."""
     registered_model_name: str | None = None
     """Registry name; default: the experiment name."""
-    register: bool = True
+    register_model: bool = True
     log_checkpoint: bool = True
 
 
