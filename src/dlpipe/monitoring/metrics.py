@@ -232,16 +232,20 @@ class MetricsCollector:
         """Observe one executed batch: its size, the queue wait and the inference time."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        queue_wait_s = _check_non_negative("queue_wait_s", queue_wait_s)
+        inference_s = _check_non_negative("inference_s", inference_s)
         version = str(model_version)
         self.batch_size.labels(version).observe(int(batch_size))
-        self.queue_wait.labels(version).observe(_check_non_negative("queue_wait_s", queue_wait_s))
-        self.inference_time.labels(version).observe(_check_non_negative("inference_s", inference_s))
+        self.queue_wait.labels(version).observe(queue_wait_s)
+        self.inference_time.labels(version).observe(inference_s)
 
     def set_queue(self, model_version: str, depth: int, capacity: int) -> None:
         """Publish the current queue depth and its bound for one model version."""
+        depth_value = _check_non_negative("depth", depth)
+        capacity_value = _check_non_negative("capacity", capacity)
         version = str(model_version)
-        self.queue_depth.labels(version).set(_check_non_negative("depth", depth))
-        self.queue_capacity.labels(version).set(_check_non_negative("capacity", capacity))
+        self.queue_depth.labels(version).set(depth_value)
+        self.queue_capacity.labels(version).set(capacity_value)
 
     # -- models and GPU ---------------------------------------------------------------------
     def set_model_info(
