@@ -1,6 +1,6 @@
 """`dlpipe` command line: a table from subcommand to `module:main(argv) -> int`.
 
-    dlpipe train -c configs/fashion_mnist.yaml -o training.num_epochs=3
+dlpipe train -c configs/fashion_mnist.yaml -o training.num_epochs=3
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
-        print(f"dlpipe: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"dlpipe: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr
+        )
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     code: int = module.main(rest)

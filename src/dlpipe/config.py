@@ -81,12 +81,11 @@ class PreprocessingConfig(_Section):
                 raise ValueError("normalization_mean and normalization_std go together")
             if self.normalization_std is not None and any(s <= 0 for s in self.normalization_std):
                 raise ValueError("normalization_std values must be > 0")
-            if self.normalization_mean is not None and self.channels is not None:
-                if len(self.normalization_mean) not in (1, self.channels):
-                    raise ValueError(
-                        f"normalization_mean has {len(self.normalization_mean)} values; "
-                        f"expected 1 or channels={self.channels}"
-                    )
+            mean, channels = self.normalization_mean, self.channels
+            if mean is not None and channels is not None and len(mean) not in (1, channels):
+                raise ValueError(
+                    f"normalization_mean has {len(mean)} values; expected 1 or channels={channels}"
+                )
         else:
             if self.tokenizer_name is None:
                 raise ValueError("tokenizer_name is required for text_classification")
@@ -181,12 +180,14 @@ class TrackingConfig(_Section):
     log_checkpoint: bool = True
 
 
+OptimizeTarget = Literal["onnx", "int8", "fp16", "pruned", "tensorrt"]
+DEFAULT_TARGETS: tuple[OptimizeTarget, ...] = ("onnx", "int8")
+
+
 class OptimizeConfig(_Section):
     """Post-training optimization (ONNX, quantization, pruning, TensorRT)."""
 
-    targets: list[Literal["onnx", "int8", "fp16", "pruned", "tensorrt"]] = Field(
-        default_factory=lambda: ["onnx", "int8"]
-    )
+    targets: list[OptimizeTarget] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
     calibration_samples: int = Field(256, ge=1)
     prune_sparsity: float = Field(0.5, ge=0.0, lt=1.0)
@@ -218,12 +219,12 @@ class PipelineConfig(_Section):
             )
         if self.training.model_type is None:
             self.training.model_type = self.model.name
-        if self.preprocessing.channels is not None and task == "image_classification":
-            if self.preprocessing.channels != self.model.in_channels:
-                raise ValueError(
-                    f"preprocessing.channels={self.preprocessing.channels} differs from "
-                    f"model.in_channels={self.model.in_channels}"
-                )
+        channels = self.preprocessing.channels
+        if task == "image_classification" and channels not in (None, self.model.in_channels):
+            raise ValueError(
+                f"preprocessing.channels={channels} differs from "
+                f"model.in_channels={self.model.in_channels}"
+            )
         return self
 
     def flat_params(self) -> dict[str, str]:
@@ -231,7 +232,7 @@ class PipelineConfig(_Section):
         out: dict[str, str] = {}
 
         def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
+            if isinstance(value, dict) and value:
                 for k, v in value.items():
                     walk(f"{prefix}.{k}" if prefix else str(k), v)
             else:
@@ -289,7 +290,9 @@ def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
         raise ConfigError(_format_validation_error(err)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Load a YAML config (or the defaults when `path` is None) and apply CLI overrides."""
     data: dict[str, Any] = {}
     if path is not None:

@@ -1,7 +1,7 @@
 """Model registry in the timm style: builders register under a name, callers ask by name.
 
-    net = create_model("resnet18", num_classes=10, in_channels=1)
-    list_models("image_classification")
+net = create_model("resnet18", num_classes=10, in_channels=1)
+list_models("image_classification")
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def register_model(name: str, task: Task, description: str = "") -> Callable[[Bu
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         doc = description or (builder.__doc__ or "").strip().splitlines()[0:1]
-        _REGISTRY[name] = ModelEntry(name, task, builder, doc if isinstance(doc, str) else "".join(doc))
+        _REGISTRY[name] = ModelEntry(
+            name, task, builder, doc if isinstance(doc, str) else "".join(doc)
+        )
         return builder
 
     return wrap

@@ -51,13 +51,19 @@ def minilm(
     if pretrained:
         encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
     else:
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
+        encoder = AutoModel.from_config(
+            AutoConfig.from_pretrained(str(path), local_files_only=True)
+        )
     return EncoderClassifier(encoder, encoder.config.hidden_size, num_classes, dropout)
 
 
 @register_model("bert-base", "text_classification", "BERT-base architecture (random init)")
 def bert_base(
-    num_classes: int, in_channels: int = 1, pretrained: bool = False, dropout: float = 0.1, **kw: Any
+    num_classes: int,
+    in_channels: int = 1,
+    pretrained: bool = False,
+    dropout: float = 0.1,
+    **kw: Any,
 ) -> nn.Module:
     from transformers import BertConfig, BertModel
 

@@ -14,7 +14,9 @@ from dlpipe.models.registry import register_model
 class SimpleCNN(nn.Module):
     """Two conv blocks and a small head: ~0.91 on Fashion-MNIST in a few CPU minutes."""
 
-    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, dropout: float = 0.1):
+    def __init__(
+        self, num_classes: int, in_channels: int = 1, width: int = 32, dropout: float = 0.1
+    ):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
@@ -54,49 +56,84 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
 
 @register_model("simple_cnn", "image_classification", "small 2-block CNN for 28x28 images")
 def simple_cnn(
-    num_classes: int, in_channels: int = 1, pretrained: bool = False, dropout: float = 0.1, **kw: Any
+    num_classes: int,
+    in_channels: int = 1,
+    pretrained: bool = False,
+    dropout: float = 0.1,
+    **kw: Any,
 ) -> nn.Module:
     _no_pretrained("simple_cnn", pretrained)
     return SimpleCNN(num_classes, in_channels, width=int(kw.get("width", 32)), dropout=dropout)
 
 
-def _adapt_resnet(net: nn.Module, in_channels: int, num_classes: int, dropout: float, small: bool) -> nn.Module:
+def _adapt_resnet(
+    net: nn.Module, in_channels: int, num_classes: int, dropout: float, small: bool
+) -> nn.Module:
     if in_channels != 3 or small:
         # Small inputs (28x28) lose everything to the 7x7/2 stem and max-pool; use a 3x3/1 stem.
         k, s, p = (3, 1, 1) if small else (7, 2, 3)
-        net.conv1 = nn.Conv2d(in_channels, 64, k, s, p, bias=False)  # type: ignore[assignment]
+        net.conv1 = nn.Conv2d(in_channels, 64, k, s, p, bias=False)  # type: ignore[assignment,arg-type]
     if small:
-        net.maxpool = nn.Identity()  # type: ignore[assignment]
+        net.maxpool = nn.Identity()  # type: ignore[assignment,arg-type]
     feats = net.fc.in_features  # type: ignore[union-attr]
-    net.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(feats, num_classes))  # type: ignore[assignment]
+    net.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(feats, num_classes))  # type: ignore[assignment,arg-type]
     return net
 
 
 @register_model("resnet18", "image_classification", "torchvision ResNet-18")
 def resnet18(
-    num_classes: int, in_channels: int = 3, pretrained: bool = False, dropout: float = 0.1, **kw: Any
+    num_classes: int,
+    in_channels: int = 3,
+    pretrained: bool = False,
+    dropout: float = 0.1,
+    **kw: Any,
 ) -> nn.Module:
     _no_pretrained("resnet18", pretrained)
-    return _adapt_resnet(tvm.resnet18(weights=None), in_channels, num_classes, dropout, bool(kw.get("small_input", False)))
+    return _adapt_resnet(
+        tvm.resnet18(weights=None),
+        in_channels,
+        num_classes,
+        dropout,
+        bool(kw.get("small_input", False)),
+    )
 
 
 @register_model("resnet50", "image_classification", "torchvision ResNet-50")
 def resnet50(
-    num_classes: int, in_channels: int = 3, pretrained: bool = False, dropout: float = 0.1, **kw: Any
+    num_classes: int,
+    in_channels: int = 3,
+    pretrained: bool = False,
+    dropout: float = 0.1,
+    **kw: Any,
 ) -> nn.Module:
     _no_pretrained("resnet50", pretrained)
-    return _adapt_resnet(tvm.resnet50(weights=None), in_channels, num_classes, dropout, bool(kw.get("small_input", False)))
+    return _adapt_resnet(
+        tvm.resnet50(weights=None),
+        in_channels,
+        num_classes,
+        dropout,
+        bool(kw.get("small_input", False)),
+    )
 
 
 @register_model("mobilenet_v3_small", "image_classification", "torchvision MobileNetV3-Small")
 def mobilenet_v3_small(
-    num_classes: int, in_channels: int = 3, pretrained: bool = False, dropout: float = 0.1, **kw: Any
+    num_classes: int,
+    in_channels: int = 3,
+    pretrained: bool = False,
+    dropout: float = 0.1,
+    **kw: Any,
 ) -> nn.Module:
     _no_pretrained("mobilenet_v3_small", pretrained)
     net = tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, dropout=dropout)
     if in_channels != 3:
         first = net.features[0][0]
         net.features[0][0] = nn.Conv2d(
-            in_channels, first.out_channels, first.kernel_size, first.stride, first.padding, bias=False
+            in_channels,
+            first.out_channels,
+            first.kernel_size,
+            first.stride,
+            first.padding,
+            bias=False,
         )
     return net

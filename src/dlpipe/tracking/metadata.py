@@ -75,7 +75,9 @@ class ModelMetadata:
         if isinstance(pre, dict):
             values["preprocessing_config"] = PreprocessingConfig.model_validate(pre)
         if isinstance(values.get("accuracy_metrics"), dict):
-            values["accuracy_metrics"] = {k: float(v) for k, v in values["accuracy_metrics"].items()}
+            values["accuracy_metrics"] = {
+                k: float(v) for k, v in values["accuracy_metrics"].items()
+            }
         return cls(**values)
 
     @classmethod

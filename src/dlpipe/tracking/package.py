@@ -1,6 +1,6 @@
 """A model package: the plain directory a registry version stores (see docs/architecture.md).
 
-    <dir>/config.yaml  preprocessing.json  metadata.json  weights.pt | model.onnx
+<dir>/config.yaml  preprocessing.json  metadata.json  weights.pt | model.onnx
 """
 
 from __future__ import annotations
