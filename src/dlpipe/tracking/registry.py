@@ -1,0 +1,202 @@
+"""`ModelRegistry`: versions with full metadata, aliases, A/B split and rollback on MLflow.
+
+    reg = ModelRegistry("sqlite:///mlflow.db")
+    v = reg.register_model("out/model", metadata)          # "1", "2", ...
+    reg.promote("fashion", v)                                # alias `champion`
+    reg.set_ab_config("fashion", ABTestConfig("1", "2", 0.9))
+    reg.get_model_for_request("fashion", request_key="u1")   # cached: no DB query per call
+    reg.rollback("fashion", to_version="1")                  # champion=1, A/B split ended
+
+Every alias move and A/B change is appended to an audit trail (registered-model tags
+`dlpipe.audit.*`, see `history`), since MLflow keeps no alias history. Reading and the routing
+cache (and its staleness bound) live in `registry_reader`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from dlpipe.tracking.ab import ABTestConfig, ab_config_to_dict
+from dlpipe.tracking.metadata import ModelMetadata
+from dlpipe.tracking.package import ONNX_FILE, WEIGHTS_FILE
+from dlpipe.tracking.registry_reader import CHAMPION, RegistryReader, ab_from_tags, check_name
+from dlpipe.tracking.registry_support import (
+    AB_TAG,
+    METADATA_TAG,
+    TAG_PREFIX,
+    RegistryError,
+    audit_entry,
+    coerce_metadata,
+    error_code,
+    metadata_tags,
+    retry_locked,
+)
+
+__all__ = ["ABTestConfig", "ModelRegistry", "RegistryError"]
+
+_EXISTS = "RESOURCE_ALREADY_EXISTS"
+
+
+class ModelRegistry(RegistryReader):
+    """The MLflow Model Registry with dlpipe metadata, A/B routing, rollback and audit trail."""
+
+    def register_model(
+        self,
+        model_path: str | Path,
+        metadata: ModelMetadata | dict[str, Any],
+        run_id: str | None = None,
+    ) -> str:
+        """Upload a model package directory and create a new version carrying `metadata`.
+
+        The package goes to `run_id`'s artifacts, or to a new run in an experiment named after
+        the model. Fills `metadata.version` (or `metadata["version"]`); returns the version.
+        Nothing is written when the metadata, package or parent_version is invalid.
+        """
+        meta = coerce_metadata(metadata)
+        package = Path(model_path)
+        if not package.is_dir():
+            raise RegistryError(f"model package {package} is not a directory")
+        if not ((package / WEIGHTS_FILE).is_file() or (package / ONNX_FILE).is_file()):
+            raise RegistryError(
+                f"model package {package} has neither {WEIGHTS_FILE} nor {ONNX_FILE}"
+            )
+        name = check_name(meta.model_name)
+        if meta.parent_version not in (None, ""):
+            self._version(name, str(meta.parent_version), what="parent_version")
+        if run_id is not None:
+            given = run_id
+            try:
+                retry_locked(lambda: self.client.get_run(given))
+            except MlflowException as err:
+                raise RegistryError(f"unknown run_id {run_id!r}") from err
+            artifact_path = f"model-{uuid.uuid4().hex[:8]}"
+        else:
+            run_id = self._new_run(name)
+            artifact_path = "model"
+        run_uuid: str = run_id
+        retry_locked(lambda: self.client.log_artifacts(run_uuid, str(package), artifact_path))
+        run = retry_locked(lambda: self.client.get_run(run_uuid))
+        if artifact_path == "model":  # our own upload run is complete
+            retry_locked(lambda: self.client.set_terminated(run_uuid))
+        source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+        if not meta.source_run_id:
+            meta.source_run_id = run_uuid
+        self._ensure_registered_model(name)
+        tags = metadata_tags(meta)
+        # The store allocates the number inside one transaction (max + 1, unique key on
+        # (name, version), retried on conflict); sqlite lock errors are retried here.
+        mv = retry_locked(
+            lambda: self.client.create_model_version(name, source, run_uuid, tags=tags)
+        )
+        meta.version = str(mv.version)
+        if isinstance(metadata, dict):
+            metadata["version"] = meta.version
+        for key, value in ((TAG_PREFIX + "version", meta.version), (METADATA_TAG, meta.to_json())):
+            retry_locked(partial(self.client.set_model_version_tag, name, meta.version, key, value))
+        self._record(name, "register", None, meta.version, run_id=run_uuid)
+        return meta.version
+
+    def promote(self, name: str, version: str | int, alias: str = CHAMPION) -> str:
+        """Point `alias` (default `champion`) at a version; returns the version number."""
+        if not alias or alias.isdigit() or alias == "latest":
+            raise RegistryError(f"invalid alias {alias!r}")
+        target = str(self._resolve(name, version).version)
+        previous = self._fetch_routing(name).aliases.get(alias)
+        retry_locked(lambda: self.client.set_registered_model_alias(name, alias, target))
+        self._record(name, "promote", previous, target, alias=alias)
+        return target
+
+    def set_ab_config(self, name: str, config: ABTestConfig) -> None:
+        """Store an A/B split in the registry; both versions must exist."""
+        if not isinstance(config, ABTestConfig):
+            raise RegistryError(f"expected ABTestConfig, got {type(config).__name__}")
+        for version in (config.model_a_version, config.model_b_version):
+            self._version(name, version)
+        previous = self.get_ab_config(name)
+        retry_locked(lambda: self.client.set_registered_model_tag(name, AB_TAG, config.to_json()))
+        self._record(name, "ab_set", ab_config_to_dict(previous), ab_config_to_dict(config))
+
+    def clear_ab_config(self, name: str) -> bool:
+        """End the A/B split; False when there was none (nothing recorded then)."""
+        previous = self.get_ab_config(name)
+        if previous is None:
+            return False
+        retry_locked(lambda: self.client.delete_registered_model_tag(name, AB_TAG))
+        self._record(name, "ab_clear", ab_config_to_dict(previous), None)
+        return True
+
+    def rollback(self, name: str, to_version: str | int) -> dict[str, Any]:
+        """Send all traffic to `to_version`: champion moves there and any A/B split ends.
+
+        Once this returns, no `get_model_for_request` call that starts afterwards, in any
+        process, returns a version rolled back from. Returns what changed.
+        """
+        target = str(self._resolve(name, to_version).version)
+        model = self._registered_model(name)
+        before = self._fetch_routing(name)
+        ab = ab_from_tags(name, model.tags)
+        retry_locked(lambda: self.client.set_registered_model_alias(name, CHAMPION, target))
+        if ab is not None:
+            retry_locked(lambda: self.client.delete_registered_model_tag(name, AB_TAG))
+        rolled_back_from = [v for v in before.serving_versions() if v != target]
+        signalled = self._record(
+            name,
+            "rollback",
+            before.champion,
+            target,
+            rolled_back_from=rolled_back_from,
+            ab_cleared=ab_config_to_dict(ab),
+        )
+        if not signalled:
+            # No shared signal (remote store): every process's cache expires within the TTL.
+            time.sleep(self.routing_ttl_s)
+        return {
+            "model": name,
+            "from": before.champion,
+            "to": target,
+            "rolled_back_from": rolled_back_from,
+            "ab_cleared": ab_config_to_dict(ab),
+        }
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _record(
+        self, name: str, action: str, from_value: Any, to_value: Any, **detail: Any
+    ) -> bool:
+        """Append an audit entry, then publish the routing change; False without a signal."""
+        key, value, _ = audit_entry(action, from_value, to_value, **detail)
+        retry_locked(lambda: self.client.set_registered_model_tag(name, key, value))
+        self._routing.pop(name, None)
+        return self.signal.bump()
+
+    def _new_run(self, name: str) -> str:
+        experiment = retry_locked(lambda: self.client.get_experiment_by_name(name))
+        if experiment is None:
+            try:
+                experiment_id = retry_locked(lambda: self.client.create_experiment(name))
+            except MlflowException as err:  # another process created it first
+                if error_code(err) != _EXISTS:
+                    raise
+                found = retry_locked(lambda: self.client.get_experiment_by_name(name))
+                if found is None:
+                    raise
+                experiment_id = found.experiment_id
+        elif experiment.lifecycle_stage != "active":
+            raise RegistryError(f"experiment {name!r} is deleted; restore it or pass run_id")
+        else:
+            experiment_id = experiment.experiment_id
+        run = retry_locked(lambda: self.client.create_run(experiment_id, run_name="registry"))
+        return str(run.info.run_id)
+
+    def _ensure_registered_model(self, name: str) -> None:
+        try:
+            retry_locked(lambda: self.client.create_registered_model(name))
+        except MlflowException as err:
+            if error_code(err) != _EXISTS:
+                raise

@@ -1,0 +1,260 @@
+"""`RegistryReader`: the read side of `ModelRegistry` (lookups, downloads, cached routing).
+
+Routing staleness bound: a change made through `ModelRegistry` on a local store (sqlite or
+file) is seen by every `get_model_for_request` call, in any process on the host, that starts
+after the change returned (see `routing_signal`). Changes made by other MLflow clients, and all
+changes on remote stores, are seen within `routing_ttl_s`; on remote stores `rollback` waits
+out that TTL before it returns, so "no request goes to the rolled-back version once rollback
+returned" holds there too. An unchanged registry costs one `pread` and a dict lookup per call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import threading
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from dlpipe.tracking.ab import ABTestConfig, RoutingState, choose_version
+from dlpipe.tracking.metadata import ModelMetadata
+from dlpipe.tracking.package import METADATA_FILE
+from dlpipe.tracking.registry_support import (
+    AB_TAG,
+    METADATA_TAG,
+    RegistryError,
+    audit_entries,
+    error_code,
+    retry_locked,
+)
+from dlpipe.tracking.routing_signal import RoutingSignal, signal_path_for
+
+CHAMPION = "champion"
+_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+
+
+class RegistryReader:
+    """Read access to the MLflow Model Registry: versions, metadata and per-request routing."""
+
+    def __init__(
+        self,
+        registry_uri: str | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        routing_ttl_s: float = 2.0,
+    ) -> None:
+        """Args:
+        registry_uri: MLflow store; default MLFLOW_REGISTRY_URI, then the tracking URI.
+        cache_dir: where downloaded versions are kept; default DLPIPE_MODEL_CACHE or
+            ~/.cache/dlpipe/models.
+        routing_ttl_s: longest time a cached routing state is trusted without a signal.
+        """
+        uri = registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or mlflow.get_tracking_uri()
+        self.registry_uri = uri
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.routing_ttl_s = routing_ttl_s
+        self.signal = RoutingSignal(signal_path_for(uri))
+        root = cache_dir or os.environ.get("DLPIPE_MODEL_CACHE") or "~/.cache/dlpipe/models"
+        self.cache_dir = Path(root).expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:12]
+        self._routing: dict[str, tuple[int, float, RoutingState]] = {}
+        self._rng = random.Random()
+        self._lock = threading.Lock()
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def get_model(self, name: str, version: str | int | None = None) -> str:
+        """Local directory holding the version's package (None = latest; or an alias).
+
+        Downloads once into the cache; `metadata.json` there carries the registry's metadata.
+        """
+        mv = self._resolve(name, version)
+        dest = self.cache_dir / _slug(name) / f"{mv.version}-{mv.creation_timestamp}"
+        if dest.is_dir():
+            return str(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest.parent / f".download-{uuid.uuid4().hex}"
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=mv.source, dst_path=str(staging), tracking_uri=self.registry_uri
+                )
+            )
+            if METADATA_TAG in mv.tags:
+                meta = ModelMetadata.from_json(mv.tags[METADATA_TAG])
+                meta.version = str(mv.version)
+                (local / METADATA_FILE).write_text(meta.to_json())
+            try:
+                os.rename(local, dest)
+            except OSError:
+                if not dest.is_dir():  # not a concurrent download finishing first
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return str(dest)
+
+    def get_metadata(self, name: str, version: str | int | None = None) -> ModelMetadata:
+        """The `ModelMetadata` stored with a version (number, alias, or None = latest)."""
+        mv = self._resolve(name, version)
+        if METADATA_TAG not in mv.tags:
+            raise RegistryError(f"version {mv.version} of model {name!r} has no dlpipe metadata")
+        meta = ModelMetadata.from_json(mv.tags[METADATA_TAG])
+        meta.version = str(mv.version)
+        return meta
+
+    def list_versions(self, name: str) -> list[dict[str, Any]]:
+        """Every version, oldest first: its metadata plus `aliases`, `run_id`, `source`."""
+        self._registered_model(name)
+        out = []
+        for mv in sorted(self._all_versions(name), key=lambda m: int(m.version)):
+            row: dict[str, Any] = {}
+            if METADATA_TAG in mv.tags:
+                row.update(json.loads(mv.tags[METADATA_TAG]))
+            row.update(
+                version=str(mv.version),
+                aliases=sorted(mv.aliases or []),
+                run_id=mv.run_id,
+                source=mv.source,
+                created_ms=mv.creation_timestamp,
+            )
+            out.append(row)
+        return out
+
+    def get_ab_config(self, name: str) -> ABTestConfig | None:
+        """The A/B split stored in the registry now (always read from the store)."""
+        return ab_from_tags(name, self._registered_model(name).tags)
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Audit trail (who, when, action, from, to), oldest first."""
+        return audit_entries(self._registered_model(name).tags)
+
+    # ---- routing ------------------------------------------------------------------------
+
+    def get_model_for_request(self, name: str, request_key: str | None = None) -> str:
+        """Version that should answer this request (A/B split, else champion, else latest)."""
+        return self.route_request(name, request_key)[0]
+
+    def route_request(self, name: str, request_key: str | None = None) -> tuple[str, str]:
+        """(version, route) for one request; route is `ab_a`, `ab_b` or `champion`."""
+        try:
+            return choose_version(self.routing_state(name), name, request_key, self._rng)
+        except LookupError as err:
+            raise RegistryError(str(err)) from err
+
+    def routing_state(self, name: str) -> RoutingState:
+        """Cached routing state; refetched when the routing signal moved or the TTL ran out."""
+        generation = self.signal.read()
+        now = time.monotonic()
+        cached = self._routing.get(name)
+        if cached is not None and cached[0] == generation and now - cached[1] < self.routing_ttl_s:
+            return cached[2]
+        # Read the generation and the clock BEFORE querying, so the entry is never fresher
+        # than the data in it.
+        state = self._fetch_routing(name)
+        self._routing[name] = (generation, now, state)
+        return state
+
+    def _fetch_routing(self, name: str) -> RoutingState:
+        model = self._registered_model(name)
+        aliases = {alias: str(v) for alias, v in (model.aliases or {}).items()}
+        ab = ab_from_tags(name, model.tags)
+        champion = aliases.get(CHAMPION)
+        latest = None
+        if ab is None and champion is None:
+            latest = self._latest_version(name)
+        return RoutingState(champion=champion, latest=latest, ab=ab, aliases=aliases)
+
+    # ---- lookups ------------------------------------------------------------------------
+
+    def _registered_model(self, name: str) -> Any:
+        check_name(name)
+        try:
+            return retry_locked(lambda: self.client.get_registered_model(name))
+        except MlflowException as err:
+            if error_code(err) == _NOT_FOUND:
+                raise RegistryError(f"unknown model {name!r}") from err
+            raise
+
+    def _all_versions(self, name: str) -> list[ModelVersion]:
+        found: list[ModelVersion] = []
+        token: str | None = None
+        while True:
+            page = retry_locked(
+                partial(self.client.search_model_versions, f"name='{name}'", page_token=token)
+            )
+            found.extend(page)
+            token = page.token
+            if not token:
+                return found
+
+    def _latest_version(self, name: str) -> str | None:
+        page = retry_locked(
+            lambda: self.client.search_model_versions(
+                f"name='{name}'", max_results=1, order_by=["version_number DESC"]
+            )
+        )
+        return str(page[0].version) if page else None
+
+    def _version(self, name: str, number: str, what: str = "version") -> ModelVersion:
+        try:
+            return retry_locked(lambda: self.client.get_model_version(name, number))
+        except MlflowException as err:
+            if error_code(err) != _NOT_FOUND:
+                raise
+            self._registered_model(name)  # unknown model gets its own message
+            raise RegistryError(f"model {name!r} has no {what} {number}") from err
+
+    def _resolve(self, name: str, version: str | int | None) -> ModelVersion:
+        """A version given as None (latest), a number, `alias` or `@alias`."""
+        check_name(name)
+        if version is None:
+            latest = self._latest_version(name)
+            if latest is None:
+                self._registered_model(name)
+                raise RegistryError(f"model {name!r} has no versions")
+            return self._version(name, latest)
+        text = str(version).strip()
+        if text.isdigit():
+            return self._version(name, str(int(text)))
+        alias = text.removeprefix("@")
+        if not alias:
+            raise RegistryError(f"empty version or alias for model {name!r}")
+        try:
+            return retry_locked(lambda: self.client.get_model_version_by_alias(name, alias))
+        except MlflowException as err:
+            self._registered_model(name)
+            raise RegistryError(f"model {name!r} has no alias {alias!r}") from err
+
+
+def ab_from_tags(name: str, tags: dict[str, str]) -> ABTestConfig | None:
+    raw = tags.get(AB_TAG)
+    if not raw:
+        return None
+    try:
+        return ABTestConfig.from_json(raw)
+    except (ValueError, KeyError) as err:
+        raise RegistryError(f"model {name!r} has an unreadable A/B config: {err}") from err
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise RegistryError("model name must be a non-empty string")
+    if "'" in name or "\\" in name:
+        raise RegistryError(f"model name {name!r} may not contain quotes or backslashes")
+    return name
+
+
+def _slug(name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:60]
+    return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
