@@ -1,0 +1,164 @@
+"""Dockerfiles and docker-compose: structure checks (no Docker engine on the dev machine)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dlpipe.serving.settings import ServeSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for ins in instructions:
+        if ins[0] == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(ins)
+    return stages
+
+
+@pytest.mark.parametrize(
+    ("name", "base"), [("Dockerfile", "python:3.11-slim"), ("Dockerfile.cuda", "nvidia/cuda:")]
+)
+def test_dockerfile_is_multi_stage_non_root_with_healthcheck(name: str, base: str) -> None:
+    instructions = _instructions(DEPLOY / name)
+    args = {
+        a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in instructions if k == "ARG" and "=" in a
+    }
+    stages = _stages(instructions)
+    assert len(stages) >= 2, "multi-stage: a build stage and a runtime stage"
+    froms = [s[0][1] for s in stages]
+    assert all(re.search(r"\bAS \w+", f, re.I) for f in froms), froms
+    resolved = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], f) for f in froms]
+    assert all(r.startswith(base) for r in resolved), resolved
+    final = stages[-1]
+    keys = [k for k, _ in final]
+    assert any(k == "COPY" and "--from=builder" in a for k, a in final), "runtime copies the build"
+    assert "RUN" not in [k for k, a in final if "pip install" in a], "no pip install in runtime"
+    users = [a for k, a in final if k == "USER"]
+    assert users, "the runtime stage sets USER"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), "runs as non-root"
+    assert keys.index("USER") < keys.index("ENTRYPOINT")
+    (healthcheck,) = [a for k, a in final if k == "HEALTHCHECK"]
+    assert "/health" in healthcheck and "CMD" in healthcheck
+    assert [a for k, a in final if k == "ENTRYPOINT"] == ['["dlpipe"]']
+    assert [a for k, a in final if k == "CMD"] == ['["serve"]']
+    assert "8000" in [a for k, a in final if k == "EXPOSE"]
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfile_copies_only_paths_that_exist_and_pins_torch(name: str) -> None:
+    instructions = _instructions(DEPLOY / name)
+    for key, args in instructions:
+        if key == "COPY" and "--from=" not in args:
+            sources = [a for a in args.split() if not a.startswith("--")][:-1]
+            for src in sources:
+                assert (ROOT / src).exists(), f"{name}: COPY source {src} missing"
+    text = (DEPLOY / name).read_text()
+    assert "torch==2.14.1" in text and "torchvision==0.29.1" in text
+    ignore = (DEPLOY / f"{name}.dockerignore").read_text()
+    assert "**" in ignore.splitlines() and "!src/**" in ignore.splitlines()
+
+
+def test_cpu_image_uses_cpu_torch_wheels() -> None:
+    assert "download.pytorch.org/whl/cpu" in (DEPLOY / "Dockerfile").read_text()
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def _env_defaults(env: dict[str, Any]) -> dict[str, str]:
+    """Environment with `${VAR:-default}` resolved to its default (an unset shell)."""
+    resolved = {}
+    for key, value in env.items():
+        resolved[key] = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+    return resolved
+
+
+def test_compose_has_the_four_services_with_ports_and_healthchecks(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"mlflow", "dlpipe", "prometheus", "grafana"} <= set(services)
+    expected_ports = {"mlflow": 5000, "dlpipe": 8000, "prometheus": 9090, "grafana": 3000}
+    for name, port in expected_ports.items():
+        svc = services[name]
+        published = [str(p) for p in svc["ports"]]
+        assert any(p.endswith(f":{port}") for p in published), (name, published)
+        check = svc["healthcheck"]["test"]
+        assert check[0] == "CMD" and f":{port}/" in " ".join(check), (name, check)
+    assert "/health" in " ".join(services["dlpipe"]["healthcheck"]["test"])
+    assert compose["services"]["dlpipe"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+
+
+def test_compose_mlflow_keeps_database_and_artifacts_on_volumes(compose: dict[str, Any]) -> None:
+    mlflow = compose["services"]["mlflow"]
+    cmd = " ".join(mlflow["command"])
+    assert "--backend-store-uri=" in cmd and "--artifacts-destination=/mlflow/artifacts" in cmd
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in mlflow["volumes"]}
+    assert mounts["/mlflow/artifacts"] in compose["volumes"]
+    assert mounts["/mlflow/db"] in compose["volumes"]
+    assert "sqlite:////mlflow/db/" in cmd
+
+
+def test_compose_env_configures_the_server_through_serve_settings(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = _env_defaults(compose["services"]["dlpipe"]["environment"])
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    dlpipe_keys = {k for k in env if k.startswith("DLPIPE_")}
+    fields = {f"DLPIPE_{name.upper()}" for name in ServeSettings.model_fields}
+    assert dlpipe_keys <= fields, f"unknown settings: {dlpipe_keys - fields}"
+    for key in list(os.environ):
+        if key.startswith("DLPIPE_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = ServeSettings()  # the values compose passes are valid settings
+    assert settings.host == "0.0.0.0" and settings.port == 8000
+    assert settings.model_name == "fashion_mnist_cnn"
+    assert settings.tracking_uri == "http://mlflow:5000"
+    assert settings.api_keys == [] and settings.rate_limit is None
+
+
+def test_compose_mounts_files_that_exist(compose: dict[str, Any]) -> None:
+    for name in ("prometheus", "grafana"):
+        for mount in compose["services"][name]["volumes"]:
+            src = mount.split(":")[0]
+            if src.startswith("."):
+                assert (DEPLOY / src).exists(), f"{name} mounts missing {src}"
+    grafana_env = compose["services"]["grafana"]["environment"]
+    assert _env_defaults(grafana_env)["PROMETHEUS_URL"] == "http://prometheus:9090"
+    assert (
+        "${PROMETHEUS_URL}"
+        in (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+
+
+def test_compose_builds_the_image_from_the_repository_root(compose: dict[str, Any]) -> None:
+    for name in ("mlflow", "dlpipe", "train"):
+        build = compose["services"][name]["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+    assert compose["services"]["train"]["profiles"] == ["train"]

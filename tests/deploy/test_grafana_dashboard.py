@@ -1,0 +1,89 @@
+"""Grafana: provisioning files and the dashboard's PromQL against the metrics dlpipe exposes."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "dlpipe.json"
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+
+
+def test_datasource_uid_matches_every_panel_and_target(dashboard: dict[str, Any]) -> None:
+    provisioned = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())
+    (source,) = provisioned["datasources"]
+    assert source["type"] == "prometheus"
+    uid = source["uid"]
+    assert dashboard["panels"], "dashboard has no panels"
+    for panel in dashboard["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": uid}, panel["title"]
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == uid, panel["title"]
+
+
+def test_dashboard_provider_points_at_the_mounted_dashboards() -> None:
+    providers = yaml.safe_load((GRAFANA / "provisioning/dashboards/dashboards.yml").read_text())
+    (provider,) = providers["providers"]
+    compose = yaml.safe_load((GRAFANA.parent / "docker-compose.yml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in mounts
+
+
+def test_every_query_uses_only_metrics_the_collector_exposes(
+    dashboard: dict[str, Any],
+    exposed_metrics: set[str],
+    promql_metric_names: Callable[[str], set[str]],
+) -> None:
+    for title, expr in _exprs(dashboard):
+        names = promql_metric_names(expr)
+        assert names, f"no metric found in {title!r}: {expr}"
+        unknown = names - exposed_metrics - {"up"}
+        assert not unknown, f"panel {title!r} queries unknown metrics {unknown}: {expr}"
+
+
+def test_dashboard_shows_what_the_issue_asks_for(dashboard: dict[str, Any]) -> None:
+    exprs = [e for _, e in _exprs(dashboard)]
+    joined = "\n".join(exprs)
+
+    def has(pattern: str) -> bool:
+        return any(re.search(pattern, e) for e in exprs)
+
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert has(
+            rf"histogram_quantile\({quantile}, sum by \(le, model_version\) "
+            r"\(rate\(dlpipe_request_latency_seconds_bucket"
+        ), f"latency p{quantile} by model version"
+    assert has(r"rate\(dlpipe_requests_total"), "throughput"
+    assert has(r"sum by \(error_type\) \(rate\(dlpipe_errors_total"), "error rate by type"
+    assert "dlpipe_batch_size" in joined and "dlpipe_queue_wait_seconds_bucket" in joined
+    assert "dlpipe_gpu_utilization_percent" in joined
+    assert "dlpipe_gpu_memory_used_bytes" in joined
+    assert has(r"sum by \([^)]*model_version[^)]*\) \(rate\(dlpipe_routed_requests_total"), "A/B"
+
+
+def test_panels_have_unique_ids_and_do_not_overlap(dashboard: dict[str, Any]) -> None:
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    cells: set[tuple[int, int]] = set()
+    for p in dashboard["panels"]:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        mine = {(g["x"] + dx, g["y"] + dy) for dx in range(g["w"]) for dy in range(g["h"])}
+        assert not cells & mine, f"panel {p['title']!r} overlaps another"
+        cells |= mine
