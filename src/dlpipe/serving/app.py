@@ -1,0 +1,144 @@
+"""The FastAPI application: `create_app(settings)` builds it; models load in its lifespan.
+
+app = create_app(ServeSettings(package="runs/model"))   # or models from the registry
+uvicorn.run(app)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dlpipe import __version__
+from dlpipe.monitoring import MetricsCollector
+from dlpipe.monitoring.gpu import GpuMonitor, GpuReader
+from dlpipe.serving.errors import ServingError, error_body
+from dlpipe.serving.manager import ModelManager
+from dlpipe.serving.middleware import RequestContextMiddleware
+from dlpipe.serving.routes import health, metrics, models, predict, v2
+from dlpipe.serving.security import ApiKeyAuth, RateLimit
+from dlpipe.serving.settings import ServeSettings, get_settings
+from dlpipe.serving.sources import LocalSource, ModelSource, RegistrySource, RoutingPlan
+
+log = logging.getLogger("dlpipe.serving")
+
+
+class _UnavailableSource:
+    """Stands in when the registry cannot even be opened; the server stays up and says why."""
+
+    def __init__(self, model_name: str, reason: str) -> None:
+        self.model_name = model_name
+        self.reason = reason
+
+    def plan(self) -> RoutingPlan:
+        raise RuntimeError(self.reason)
+
+    def fetch(self, version: str) -> Any:
+        raise RuntimeError(self.reason)
+
+
+def build_source(settings: ServeSettings) -> ModelSource:
+    """A local package when `settings.package` is set, else the MLflow registry."""
+    if settings.package:
+        return LocalSource.from_path(settings.model_name, settings.package)
+    try:
+        return RegistrySource(settings.model_name, settings.tracking_uri)
+    except Exception as err:
+        return _UnavailableSource(settings.model_name, f"registry unavailable: {err}")
+
+
+def _request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", ""))
+
+
+def _install_error_handlers(app: FastAPI, collector: MetricsCollector) -> None:
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, err: ServingError) -> JSONResponse:
+        collector.record_error(err.error_type, err.message)
+        return JSONResponse(
+            error_body(err.error_type, err.message, _request_id(request)),
+            status_code=err.status_code,
+            headers=err.headers(),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        message = "invalid request: " + "; ".join(parts)
+        collector.record_error("invalid_input", message)
+        return JSONResponse(
+            error_body("invalid_input", message, _request_id(request)), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        collector.record_error(kind, f"{request.method} {request.url.path}: {err.detail}")
+        return JSONResponse(
+            error_body(kind, str(err.detail), _request_id(request)),
+            status_code=err.status_code,
+            headers=getattr(err, "headers", None),
+        )
+
+
+def create_app(
+    settings: ServeSettings | None = None,
+    *,
+    source: ModelSource | None = None,
+    collector: MetricsCollector | None = None,
+    gpu_reader: GpuReader | None = None,
+) -> FastAPI:
+    """Build the service; models are loaded and warmed up when the lifespan starts.
+
+    Args:
+        settings: server settings; `get_settings()` (the environment) when None.
+        source: where models come from; built from `settings` when None.
+        collector: metrics collector; a fresh one on its own registry when None.
+        gpu_reader: GPU readings for the gauges (tests inject fakes); NVML when None.
+    """
+    settings = settings or get_settings()
+    collector = collector or MetricsCollector()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gpu = GpuMonitor(collector, reader=gpu_reader, interval_s=settings.gpu_poll_interval_s)
+        gpu.start()
+        manager = ModelManager(source or build_source(settings), settings, collector)
+        app.state.manager = manager
+        await manager.start()
+        if not manager.ready:
+            log.error("no model loaded at start-up: %s", manager.last_error)
+        try:
+            yield
+        finally:
+            await manager.stop()
+            gpu.stop()
+
+    app = FastAPI(
+        title="dlpipe inference service",
+        version=__version__,
+        description="Image and text classification with dynamic batching on ONNX Runtime.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.collector = collector
+    app.state.auth = ApiKeyAuth(settings.api_keys)
+    app.state.rate_limit = RateLimit(settings.rate_limit)
+    app.dependency_overrides[get_settings] = lambda: settings
+    _install_error_handlers(app, collector)
+    for module in (predict, health, metrics, models, v2):
+        app.include_router(module.router)
+    app.add_middleware(
+        RequestContextMiddleware,
+        collector=collector,
+        max_body_bytes=settings.max_upload_bytes,
+        access_log=settings.access_log,
+    )
+    return app

@@ -1,0 +1,220 @@
+"""The micro-batcher: concurrent callers `await submit(x)`, the model sees one batch.
+
+    batcher = MicroBatcher(run_batch, max_batch_size=32, max_wait_s=0.002, capacity=512)
+    batcher.start()                      # inside the running event loop
+    y = await batcher.submit(x, timeout_s=1.0)
+    await batcher.close()                # drains what is queued, then stops
+
+Inside: a bounded deque of pending requests (one future each), a "full batch" event, and a
+max-wait timeout counted from when the oldest request arrived. A batch runs on a dedicated thread so
+the event loop keeps accepting requests meanwhile; its exception reaches every future of the batch.
+Admission control: a full queue, or a queue so long that a new request would miss its deadline,
+answers `Overloaded` (HTTP 503 + Retry-After) at once instead of letting latency grow without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from dlpipe.serving.errors import BatcherClosed, DeadlineExceeded, Overloaded
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    item: Any
+    future: asyncio.Future[Any]
+    enqueued_at: float
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """What one batch did, handed to the `on_batch` callback (metrics)."""
+
+    size: int
+    queue_waits_s: tuple[float, ...]
+    inference_s: float
+    expired: int
+
+
+class MicroBatcher(Generic[T, R]):
+    """Collect concurrent requests into batches for a blocking `run_batch(items) -> results`."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.002,
+        capacity: int = 512,
+        name: str = "model",
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or capacity < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and capacity must be >= 1, max_wait_s >= 0")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.capacity = capacity
+        self.name = name
+        self.on_batch = on_batch
+        self._pending: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._busy_until = 0.0  # loop time the batch in progress is expected to end
+        self.per_item_s = 0.0  # moving average of inference time per item (admission control)
+        self.batches_run = 0
+        self.items_run = 0
+
+    # --------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the batching task; call from inside the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name=f"batcher-{self.name}"
+            )
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._pending)
+
+    async def close(self) -> None:
+        """Stop accepting requests, finish every queued one, then release the thread."""
+        self._closing = True
+        self._wakeup.set()
+        self._full.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        self._executor.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ submit
+    def submit_nowait(self, item: T, timeout_s: float) -> asyncio.Future[R]:
+        """Queue one request now and return its future (no await: routing + queueing are atomic)."""
+        if self._closing:
+            raise BatcherClosed(self.name)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        queued = len(self._pending)
+        if queued >= self.capacity:
+            raise Overloaded(
+                f"model {self.name}: queue full ({queued} requests waiting)",
+                retry_after_s=max(1.0, queued * self.per_item_s),
+            )
+        expected_wait = max(0.0, self._busy_until - now) + (queued + 1) * self.per_item_s
+        if expected_wait > timeout_s:
+            raise Overloaded(
+                f"model {self.name}: {queued} requests ahead; expected wait "
+                f"{expected_wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms deadline",
+                retry_after_s=expected_wait,
+            )
+        future: asyncio.Future[R] = loop.create_future()
+        self._pending.append(_Pending(item, future, now, now + timeout_s))
+        self._wakeup.set()
+        if len(self._pending) >= self.max_batch_size:
+            self._full.set()
+        return future
+
+    async def submit(self, item: T, timeout_s: float = 1.0) -> R:
+        """Run `item` in the next batch; `DeadlineExceeded` if no answer within `timeout_s`."""
+        future = self.submit_nowait(item, timeout_s)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model {self.name}: no answer within {timeout_s * 1000:.0f} ms"
+            ) from None
+
+    # -------------------------------------------------------------------- loop
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if len(self._pending) < self.max_batch_size and not self._closing:
+                    # Wait for a full batch, at most max_wait after the oldest arrived.
+                    remaining = self._pending[0].enqueued_at + self.max_wait_s - loop.time()
+                    if remaining > 0:
+                        self._full.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._full.wait(), remaining)
+                take = min(self.max_batch_size, len(self._pending))
+                batch = [self._pending.popleft() for _ in range(take)]
+                await self._run(batch, loop)
+        finally:
+            # Only reached with requests left if the task was cancelled: fail them, never hang them.
+            while self._pending:
+                p = self._pending.popleft()
+                if not p.future.done():
+                    p.future.set_exception(BatcherClosed(self.name))
+
+    async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        live, expired = [], 0
+        for p in batch:
+            if p.future.done():  # the caller gave up (deadline or disconnect)
+                continue
+            if p.deadline <= now:
+                expired += 1
+                p.future.set_exception(
+                    DeadlineExceeded(f"model {self.name}: deadline passed while queued")
+                )
+                continue
+            live.append(p)
+        if not live:
+            return
+        waits = tuple(now - p.enqueued_at for p in live)
+        self._busy_until = now + self.per_item_s * len(live)
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self.run_batch, [p.item for p in live]
+            )
+            if len(results) != len(live):
+                raise RuntimeError(
+                    f"model {self.name}: batch of {len(live)} returned {len(results)} results"
+                )
+        except Exception as err:
+            log.exception("batch of %d failed on %s", len(live), self.name)
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(err)
+        else:
+            for p, result in zip(live, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)
+        elapsed = time.perf_counter() - started
+        self._busy_until = 0.0
+        per_item = elapsed / len(live)
+        first = self.batches_run == 0
+        self.per_item_s = per_item if first else 0.8 * self.per_item_s + 0.2 * per_item
+        self.batches_run += 1
+        self.items_run += len(live)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(BatchStats(len(live), waits, elapsed, expired))
+            except Exception:
+                log.exception("on_batch callback failed")

@@ -1,0 +1,83 @@
+"""Route a request, queue its samples and wait for their logits, within the request deadline.
+
+Routing, decoding and queueing run without an `await` in between, so a routing switch can
+never slip between choosing a version and queueing on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+
+from dlpipe.serving.errors import (
+    BatcherClosed,
+    DeadlineExceeded,
+    InferenceFailed,
+    ServingError,
+)
+from dlpipe.serving.inputs import Sample
+from dlpipe.serving.manager import ModelManager
+from dlpipe.serving.served import ServedModel
+
+
+def remaining_s(request: Request, served: ServedModel) -> float:
+    """Seconds left before this request's deadline (counted from its arrival)."""
+    started = getattr(request.state, "started", time.perf_counter())
+    return served.timeout_s - (time.perf_counter() - started)
+
+
+async def infer(
+    request: Request,
+    manager: ModelManager,
+    version: str | None,
+    request_key: str | None,
+    make_samples: Callable[[ServedModel], list[Sample]],
+) -> tuple[ServedModel, list[np.ndarray]]:
+    """Logits for every sample `make_samples(served)` builds, from the routed version."""
+    for _attempt in range(3):
+        served, _route = manager.route(version, request_key)
+        samples = make_samples(served)
+        timeout = remaining_s(request, served)
+        if timeout <= 0:
+            raise DeadlineExceeded("the request deadline passed before inference started")
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for sample in samples:
+                futures.append(served.batcher.submit_nowait(sample, timeout))
+        except BatcherClosed:
+            for f in futures:
+                f.cancel()
+            continue  # routing switched while we were queueing: route again
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        request.state.model_version = served.version
+        return served, await _gather(served, futures, timeout)
+    raise InferenceFailed("routing kept changing; try again")
+
+
+async def _gather(
+    served: ServedModel, futures: list[asyncio.Future[Any]], timeout: float
+) -> list[np.ndarray]:
+    try:
+        if len(futures) == 1:
+            return [await asyncio.wait_for(futures[0], timeout)]
+        return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+    except TimeoutError:
+        for f in futures:
+            f.cancel()
+        raise DeadlineExceeded(
+            f"no answer from version {served.version} within {served.timeout_s * 1000:.0f} ms"
+        ) from None
+    except ServingError:
+        for f in futures:
+            f.cancel()
+        raise
+    except Exception as err:
+        raise InferenceFailed(f"inference failed on version {served.version}: {err}") from err

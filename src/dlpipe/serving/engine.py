@@ -1,0 +1,232 @@
+"""`InferenceEngine`: one model version on ONNX Runtime, or PyTorch when the package has no ONNX.
+
+    engine = InferenceEngine("runs/model", device="cpu")
+    logits = engine.predict_batch(np.zeros((8, 1, 28, 28), np.float32))
+
+`model_path` is a model package directory (see `dlpipe.tracking.package`) or a bare `.onnx` file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlpipe.tracking.metadata import ModelMetadata
+from dlpipe.tracking.package import METADATA_FILE, ONNX_FILE, WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
+
+Batch = np.ndarray | dict[str, np.ndarray]
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+}
+
+
+class ShapeMismatchError(ValueError):
+    """An input whose shape or dtype the model cannot take (served as HTTP 400)."""
+
+
+class ModelLoadError(RuntimeError):
+    """The package could not be turned into a runnable model."""
+
+
+def _providers_for(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = ["CPUExecutionProvider"]
+    if device in ("auto", "cuda"):
+        gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        if device == "cuda" and not gpu:
+            raise ModelLoadError(f"device='cuda' but ONNX Runtime only offers {available}")
+        wanted = gpu + wanted
+    return wanted
+
+
+class InferenceEngine:
+    """Run one model version; thread-safe for one caller at a time (the batcher's thread)."""
+
+    def __init__(
+        self, model_path: str | Path, device: str = "auto", *, intra_op_threads: int = 0
+    ) -> None:
+        path = Path(model_path)
+        if not path.exists():
+            raise ModelLoadError(f"model path not found: {path}")
+        self.path = path
+        self.device = device
+        self.metadata: ModelMetadata | None = None
+        root = path if path.is_dir() else path.parent
+        if (root / METADATA_FILE).is_file():
+            self.metadata = ModelMetadata.from_json((root / METADATA_FILE).read_text())
+        onnx_file = path if path.is_file() else path / ONNX_FILE
+        self._session: Any = None
+        self._torch_net: Any = None
+        if onnx_file.suffix == ".onnx" and onnx_file.is_file():
+            self._load_onnx(onnx_file, intra_op_threads)
+        elif path.is_dir() and (path / WEIGHTS_FILE).is_file():
+            self._load_torch(path)
+        else:
+            raise ModelLoadError(f"{path}: neither {ONNX_FILE} nor {WEIGHTS_FILE} found")
+
+    # ----------------------------------------------------------------- loading
+    def _load_onnx(self, onnx_file: Path, intra_op_threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+        # Spinning threads would steal the CPU the event loop needs between batches.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(
+                str(onnx_file), sess_options=opts, providers=_providers_for(self.device)
+            )
+        except Exception as err:  # ORT raises several unrelated types for a bad graph
+            raise ModelLoadError(f"{onnx_file}: ONNX Runtime could not load it: {err}") from err
+        self.framework = "onnx"
+        self.providers: list[str] = list(self._session.get_providers())
+        self.inputs = [
+            {"name": i.name, "shape": list(i.shape), "dtype": _ORT_DTYPES.get(i.type, np.float32)}
+            for i in self._session.get_inputs()
+        ]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def _load_torch(self, package_dir: Path) -> None:
+        import torch
+
+        from dlpipe.models import input_names
+        from dlpipe.tracking.package import load_package_config, load_torch_model
+
+        try:
+            net = load_torch_model(package_dir)
+            cfg = load_package_config(package_dir)
+        except Exception as err:
+            raise ModelLoadError(f"{package_dir}: PyTorch fallback failed: {err}") from err
+        use_cuda = self.device in ("auto", "cuda") and torch.cuda.is_available()
+        if self.device == "cuda" and not use_cuda:
+            raise ModelLoadError("device='cuda' but torch sees no CUDA device")
+        self._torch_device = torch.device("cuda" if use_cuda else "cpu")
+        self._torch_net = net.to(self._torch_device)
+        self.framework = "pytorch"
+        self.providers = [f"torch:{self._torch_device}"]
+        pre = cfg.preprocessing
+        if pre.task_type == "text_classification":
+            length = pre.max_sequence_length
+            self.inputs = [
+                {"name": n, "shape": ["batch", length], "dtype": np.int64}
+                for n in input_names(cfg.model.name)
+            ]
+        else:
+            h, w = pre.image_size or (None, None)
+            shape = ["batch", cfg.model.in_channels, h, w]
+            self.inputs = [{"name": "input", "shape": shape, "dtype": np.float32}]
+        self.output_names = ["logits"]
+
+    # --------------------------------------------------------------- inference
+    def _as_feed(self, batch: Batch) -> dict[str, np.ndarray]:
+        if isinstance(batch, np.ndarray):
+            if len(self.inputs) != 1:
+                names = [i["name"] for i in self.inputs]
+                raise ShapeMismatchError(f"model takes {len(names)} inputs {names}; got one array")
+            batch = {self.inputs[0]["name"]: batch}
+        feed = {}
+        for spec in self.inputs:
+            name = spec["name"]
+            if name not in batch:
+                raise ShapeMismatchError(f"missing input {name!r}; model takes {self.input_names}")
+            arr = np.asarray(batch[name])
+            self._check_shape(name, arr.shape, spec["shape"])
+            feed[name] = np.ascontiguousarray(arr, dtype=spec["dtype"])
+        return feed
+
+    @staticmethod
+    def _check_shape(name: str, got: tuple[int, ...], expected: list[Any]) -> None:
+        if len(got) != len(expected):
+            raise ShapeMismatchError(
+                f"input {name!r} has {len(got)} dimensions {list(got)}; "
+                f"the model expects {len(expected)} {expected}"
+            )
+        for axis, (g, e) in enumerate(zip(got, expected, strict=True)):
+            if axis > 0 and isinstance(e, int) and e > 0 and g != e:
+                raise ShapeMismatchError(
+                    f"input {name!r} has shape {list(got)}; the model expects {expected} "
+                    f"(dimension {axis} must be {e})"
+                )
+
+    def predict_batch(self, input_batch: Batch) -> np.ndarray:
+        """Logits `[N, K]` for a batch (an array, or a dict of arrays for text models)."""
+        feed = self._as_feed(input_batch)
+        if self._session is None:
+            return self._predict_torch(feed)
+        fixed = self.inputs[0]["shape"][0]
+        n = next(iter(feed.values())).shape[0]
+        if isinstance(fixed, int) and fixed > 0 and n != fixed:
+            # A graph exported with a fixed batch size: run it one slice at a time.
+            parts = [
+                self._session.run(
+                    self.output_names[:1], {k: v[i : i + fixed] for k, v in feed.items()}
+                )[0]
+                for i in range(0, n, fixed)
+            ]
+            return np.concatenate(parts)
+        out: np.ndarray = self._session.run(self.output_names[:1], feed)[0]
+        return out
+
+    def _predict_torch(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        tensors = [torch.from_numpy(feed[s["name"]]).to(self._torch_device) for s in self.inputs]
+        with torch.inference_mode():
+            out = self._torch_net(*tensors)
+        return np.asarray(out.float().cpu().numpy())
+
+    def predict(self, input_data: Batch) -> np.ndarray:
+        """Logits `[K]` for one sample (no batch dimension)."""
+        if isinstance(input_data, dict):
+            batched: Batch = {k: np.asarray(v)[None] for k, v in input_data.items()}
+        else:
+            batched = np.asarray(input_data)[None]
+        return self.predict_batch(batched)[0]
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run dummy batches so the first real request does not pay allocation costs."""
+        for n in batch_sizes:
+            dummy = {}
+            for spec in self.inputs:
+                dims = [n] + [d if isinstance(d, int) and d > 0 else 1 for d in spec["shape"][1:]]
+                dummy[spec["name"]] = np.zeros(dims, dtype=spec["dtype"])
+            self.predict_batch(dummy)
+
+    # -------------------------------------------------------------------- info
+    @property
+    def input_names(self) -> list[str]:
+        return [s["name"] for s in self.inputs]
+
+    def get_model_info(self) -> dict[str, Any]:
+        """What this engine runs: metadata, framework, providers and tensor signatures."""
+        meta = self.metadata
+        return {
+            "model_name": meta.model_name if meta else self.path.stem,
+            "version": (meta.version if meta else "") or "1",
+            "framework": self.framework,
+            "precision": meta.precision if meta else "fp32",
+            "model_size_mb": meta.model_size_mb if meta else None,
+            "providers": self.providers,
+            "path": str(self.path),
+            "inputs": [
+                {"name": s["name"], "shape": s["shape"], "dtype": np.dtype(s["dtype"]).name}
+                for s in self.inputs
+            ],
+            "outputs": self.output_names,
+        }

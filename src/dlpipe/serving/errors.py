@@ -1,0 +1,89 @@
+"""Errors the server answers with, and the one JSON shape they take.
+
+{"error": {"type": "invalid_input", "message": "...", "request_id": "..."}}
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class ServingError(Exception):
+    """An error with an HTTP status; `error_type` is the metrics label and the body's `type`."""
+
+    status_code = 500
+    error_type = "internal"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class InvalidRequest(ServingError):
+    """The request itself is malformed (bad JSON, wrong field, unreadable image)."""
+
+    status_code = 400
+    error_type = "invalid_input"
+
+
+class Unauthorized(ServingError):
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class NotFound(ServingError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class VersionNotServed(NotFound):
+    error_type = "version_not_found"
+
+
+class PayloadTooLarge(ServingError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class RateLimited(ServingError):
+    status_code = 429
+    error_type = "rate_limited"
+
+
+class InferenceFailed(ServingError):
+    status_code = 500
+    error_type = "inference_failed"
+
+
+class ModelUnavailable(ServingError):
+    """No model is loaded (or the one asked for failed to load)."""
+
+    status_code = 503
+    error_type = "model_unavailable"
+
+
+class Overloaded(ServingError):
+    """Load shedding: the queue is full or the request could not meet its deadline."""
+
+    status_code = 503
+    error_type = "overloaded"
+
+
+class DeadlineExceeded(ServingError):
+    status_code = 504
+    error_type = "timeout"
+
+
+class BatcherClosed(RuntimeError):
+    """Raised by a batcher that is draining; the caller re-routes to the current version."""
+
+
+def error_body(error_type: str, message: str, request_id: str) -> dict[str, dict[str, str]]:
+    """The one error shape every endpoint uses."""
+    return {"error": {"type": error_type, "message": message, "request_id": request_id}}

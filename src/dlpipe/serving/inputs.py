@@ -1,0 +1,84 @@
+"""Request payloads to model inputs, through the model's own `DataPreprocessor` (as in training).
+
+Every failure is an `InvalidRequest` (HTTP 400) whose message says what was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dlpipe.config import PreprocessingConfig
+from dlpipe.serving.errors import InvalidRequest
+
+Sample = np.ndarray | dict[str, np.ndarray]
+
+
+class InputDecoder:
+    """Turns uploaded image bytes or text into one model input sample (no batch dimension)."""
+
+    def __init__(self, preprocessing: PreprocessingConfig, *, resize_inputs: bool = True) -> None:
+        from dlpipe.data import DataPreprocessor
+
+        self.config = preprocessing
+        self.task = preprocessing.task_type
+        self.resize_inputs = resize_inputs
+        self._pre: Any = DataPreprocessor(preprocessing)
+
+    def image(self, data: bytes, field: str = "file") -> np.ndarray:
+        """Decode and preprocess one uploaded image (PNG/JPEG) to float32 C×H×W."""
+        from dlpipe.data import InvalidInputError
+
+        if self.task != "image_classification":
+            raise InvalidRequest(
+                f'this model classifies text; send JSON {{"text": ...}} instead of {field!r}'
+            )
+        try:
+            image = self._pre.decode_image(data)
+            if not self.resize_inputs and self.config.image_size is not None:
+                h, w = self.config.image_size
+                if (image.height, image.width) != (h, w):
+                    raise InvalidRequest(
+                        f"{field}: image is {image.width}x{image.height} (WxH); this model takes "
+                        f"exactly {w}x{h} and resizing is disabled"
+                    )
+            batch = self._pre.preprocess_inference_batch([image])
+        except InvalidInputError as err:
+            raise InvalidRequest(f"{field}: {err}") from None
+        return np.asarray(batch[0], dtype=np.float32)
+
+    def text(self, text: Any, field: str = "text") -> dict[str, np.ndarray]:
+        """Tokenize one text to `input_ids` and `attention_mask` (int64, 1-D)."""
+        from dlpipe.data import InvalidInputError
+
+        if self.task != "text_classification":
+            raise InvalidRequest(
+                f"this model classifies images; upload a multipart file instead of {field!r}"
+            )
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequest(f"{field} must be a non-empty string, got {type(text).__name__}")
+        try:
+            batch = self._pre.preprocess_inference_batch([text])
+        except InvalidInputError as err:
+            raise InvalidRequest(f"{field}: {err}") from None
+        return {k: np.asarray(v[0], dtype=np.int64) for k, v in batch.items()}
+
+
+def softmax_top_k(
+    logits: np.ndarray, class_names: list[str] | None, k: int
+) -> list[dict[str, Any]]:
+    """Top-k classes of one logits row, each with its label and probability."""
+    z = logits.astype(np.float64) - float(np.max(logits))
+    probs = np.exp(z)
+    probs /= probs.sum()
+    k = min(k, probs.shape[0])
+    order = np.argsort(-probs)[:k]
+    return [
+        {
+            "label": class_names[i] if class_names and i < len(class_names) else str(int(i)),
+            "class_index": int(i),
+            "probability": round(float(probs[i]), 6),
+        }
+        for i in order
+    ]

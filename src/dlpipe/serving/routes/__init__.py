@@ -1,0 +1,1 @@
+"""One router per resource: predict, health, metrics, models, v2 (Open Inference Protocol)."""

@@ -1,0 +1,17 @@
+"""Served versions and the routing between them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from dlpipe.serving.deps import CallerDep, ManagerDep
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/models")
+async def models(manager: ManagerDep, _caller: CallerDep) -> dict[str, Any]:
+    """Served versions, the routing plan (champion / A/B) and the last load error."""
+    return manager.describe()

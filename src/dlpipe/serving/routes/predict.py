@@ -1,0 +1,176 @@
+"""`POST /predict` and `POST /predict/batch`: uploaded images (multipart) or JSON text."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from dlpipe.serving.deps import CallerDep, ManagerDep, RequestKeyHeader, VersionHeader
+from dlpipe.serving.dispatch import infer
+from dlpipe.serving.errors import InvalidRequest, ServingError
+from dlpipe.serving.inputs import Sample
+from dlpipe.serving.served import ServedModel
+
+router = APIRouter(tags=["predict"])
+
+
+class UnsupportedMediaType(ServingError):
+    status_code = 415
+    error_type = "unsupported_media_type"
+
+
+def _body_doc(field: str, many: bool) -> dict[str, Any]:
+    file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
+    if many:
+        file_schema = {"type": "array", "items": file_schema}
+    text_schema: dict[str, Any] = {"type": "string"}
+    if many:
+        text_schema = {"type": "array", "items": text_schema}
+    text_field = "texts" if many else "text"
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {field: file_schema},
+                        "required": [field],
+                    }
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {text_field: text_schema},
+                        "required": [text_field],
+                    }
+                },
+            },
+        }
+    }
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        raise InvalidRequest('empty request body; send JSON like {"text": "..."}')
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidRequest(f"request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"JSON body must be an object, got {type(body).__name__}")
+    return body
+
+
+async def _uploads(request: Request, field: str, max_files: int) -> list[tuple[str, bytes]]:
+    try:
+        form = await request.form(max_files=max_files, max_fields=max_files + 8)
+    except MultiPartException as err:
+        raise InvalidRequest(f"malformed multipart body: {err.message}") from None
+    try:
+        files = [v for v in form.getlist(field) if isinstance(v, UploadFile)]
+        if not files:
+            names = sorted(set(form.keys()))
+            raise InvalidRequest(f"expected a file in field {field!r}; got fields {names}")
+        return [(f.filename or f"{field}[{i}]", await f.read()) for i, f in enumerate(files)]
+    finally:
+        await form.close()
+
+
+async def _read_payload(
+    request: Request, file_field: str, text_field: str, max_items: int
+) -> tuple[str, list[Any], list[str]]:
+    """(kind, payloads, names): kind is "image" (bytes) or "text" (str)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    many = max_items > 1
+    if content_type == "multipart/form-data":
+        uploads = await _uploads(request, file_field, max_items)
+        if not many and len(uploads) > 1:
+            raise InvalidRequest(f"send one file in {file_field!r}; use /predict/batch for many")
+        if len(uploads) > max_items:
+            raise InvalidRequest(f"{len(uploads)} files exceed the limit of {max_items}")
+        return "image", [data for _, data in uploads], [name for name, _ in uploads]
+    if content_type == "application/json":
+        body = await _json_body(request)
+        if text_field not in body:
+            raise InvalidRequest(f"JSON body needs the field {text_field!r}; got {sorted(body)}")
+        value = body[text_field]
+        texts = value if many else [value]
+        if many and (not isinstance(value, list) or not value):
+            raise InvalidRequest(f"{text_field!r} must be a non-empty list of strings")
+        if len(texts) > max_items:
+            raise InvalidRequest(f"{len(texts)} texts exceed the limit of {max_items} per request")
+        return "text", texts, [f"{text_field}[{i}]" for i in range(len(texts))]
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        if many:
+            raise InvalidRequest("/predict/batch takes multipart 'files' or JSON 'texts'")
+        return "image", [await request.body()], ["body"]
+    raise UnsupportedMediaType(
+        f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data with "
+        f"{file_field!r}, application/json with {text_field!r}, or a raw image/* body"
+    )
+
+
+def _decoder(kind: str, payloads: list[Any], names: list[str]) -> Any:
+    def make_samples(served: ServedModel) -> list[Sample]:
+        if kind == "image":
+            return [served.decoder.image(p, n) for p, n in zip(payloads, names, strict=True)]
+        return [served.decoder.text(p, n) for p, n in zip(payloads, names, strict=True)]
+
+    return make_samples
+
+
+def _response(request: Request, served: ServedModel, predictions: Any) -> dict[str, Any]:
+    started = getattr(request.state, "started", time.perf_counter())
+    return {
+        "predictions": predictions,
+        "model_name": served.model_name,
+        "model_version": served.version,
+        "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+        "request_id": request.state.request_id,
+    }
+
+
+@router.post("/predict", openapi_extra=_body_doc("file", many=False))
+async def predict(
+    request: Request,
+    manager: ManagerDep,
+    _caller: CallerDep,
+    x_model_version: VersionHeader = None,
+    x_request_key: RequestKeyHeader = None,
+    version: str | None = Query(None, description="serve exactly this version"),
+) -> dict[str, Any]:
+    """Classify one uploaded image (`file`) or one text (`{"text": ...}`): top-k labels."""
+    kind, payloads, names = await _read_payload(request, "file", "text", 1)
+    served, logits = await infer(
+        request, manager, x_model_version or version, x_request_key, _decoder(kind, payloads, names)
+    )
+    k = request.app.state.settings.top_k
+    return _response(request, served, served.top_k(logits[0], k))
+
+
+@router.post("/predict/batch", openapi_extra=_body_doc("files", many=True))
+async def predict_batch(
+    request: Request,
+    manager: ManagerDep,
+    _caller: CallerDep,
+    x_model_version: VersionHeader = None,
+    x_request_key: RequestKeyHeader = None,
+    version: str | None = Query(None, description="serve exactly this version"),
+) -> dict[str, Any]:
+    """Classify many uploaded images (`files`) or texts (`{"texts": [...]}`), in order."""
+    limit = request.app.state.settings.max_batch_items
+    kind, payloads, names = await _read_payload(request, "files", "texts", limit)
+    served, logits = await infer(
+        request, manager, x_model_version or version, x_request_key, _decoder(kind, payloads, names)
+    )
+    k = request.app.state.settings.top_k
+    body = _response(request, served, [served.top_k(row, k) for row in logits])
+    body["inputs"] = names
+    return body

@@ -1,0 +1,127 @@
+"""One served model version: its engine, its preprocessing and its own micro-batcher."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlpipe.config import PreprocessingConfig
+from dlpipe.monitoring import MetricsCollector
+from dlpipe.serving.batcher import BatchStats, MicroBatcher
+from dlpipe.serving.engine import InferenceEngine, ModelLoadError
+from dlpipe.serving.inputs import InputDecoder, Sample, softmax_top_k
+from dlpipe.serving.settings import ServeSettings
+from dlpipe.tracking.package import PREPROCESSING_FILE
+
+log = logging.getLogger(__name__)
+
+
+def _read_preprocessing(path: Path, engine: InferenceEngine) -> PreprocessingConfig:
+    root = path if path.is_dir() else path.parent
+    if (root / PREPROCESSING_FILE).is_file():
+        return PreprocessingConfig.model_validate_json((root / PREPROCESSING_FILE).read_text())
+    if engine.metadata is not None:
+        return engine.metadata.preprocessing_config
+    raise ModelLoadError(f"{path}: no {PREPROCESSING_FILE} and no metadata to preprocess with")
+
+
+class ServedModel:
+    """A loaded, warmed-up version ready for `await infer(sample)`."""
+
+    def __init__(
+        self,
+        model_name: str,
+        version: str,
+        engine: InferenceEngine,
+        preprocessing: PreprocessingConfig,
+        settings: ServeSettings,
+        collector: MetricsCollector,
+    ) -> None:
+        self.model_name = model_name
+        self.version = version
+        self.engine = engine
+        self.preprocessing = preprocessing
+        self.decoder = InputDecoder(preprocessing, resize_inputs=settings.resize_inputs)
+        self.collector = collector
+        self.timeout_s = settings.request_timeout_ms / 1000.0
+        self.batcher: MicroBatcher[Sample, np.ndarray] = MicroBatcher(
+            self._run_batch,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            capacity=settings.queue_capacity,
+            name=f"{model_name}:{version}",
+            on_batch=self._record_batch,
+        )
+        info = engine.get_model_info()
+        self.framework = str(info["framework"])
+        self.precision = str(info["precision"])
+        self.loaded_at = time.time()
+
+    @classmethod
+    def load(
+        cls,
+        model_name: str,
+        version: str,
+        path: str | Path,
+        settings: ServeSettings,
+        collector: MetricsCollector,
+    ) -> ServedModel:
+        """Build the engine and warm it up (blocking; run it off the event loop)."""
+        path = Path(path)
+        engine = InferenceEngine(
+            path, settings.device, intra_op_threads=settings.ort_intra_op_threads
+        )
+        served = cls(
+            model_name, version, engine, _read_preprocessing(path, engine), settings, collector
+        )
+        if settings.warmup:
+            sizes = sorted({1, min(8, settings.max_batch_size), settings.max_batch_size})
+            engine.warmup(tuple(sizes))
+        return served
+
+    # ---------------------------------------------------------------- batching
+    def _run_batch(self, samples: list[Sample]) -> list[np.ndarray]:
+        first = samples[0]
+        batch: np.ndarray | dict[str, np.ndarray]
+        if isinstance(first, dict):
+            batch = {k: np.stack([s[k] for s in samples]) for k in first}  # type: ignore[index]
+        else:
+            batch = np.stack(samples)  # type: ignore[arg-type]
+        logits = self.engine.predict_batch(batch)
+        return list(logits)
+
+    def _record_batch(self, stats: BatchStats) -> None:
+        waits = stats.queue_waits_s
+        self.collector.record_batch(stats.size, waits[0], stats.inference_s, self.version)
+        for wait in waits[1:]:  # one queue-wait observation per request, not per batch
+            self.collector.queue_wait.labels(self.version).observe(wait)
+        if stats.expired:
+            for _ in range(stats.expired):
+                self.collector.record_error("timeout", f"expired in the queue of {self.version}")
+
+    async def infer(self, sample: Sample, timeout_s: float | None = None) -> np.ndarray:
+        """Logits for one sample, batched with whatever else is in flight."""
+        return await self.batcher.submit(sample, self.timeout_s if timeout_s is None else timeout_s)
+
+    def top_k(self, logits: np.ndarray, k: int) -> list[dict[str, Any]]:
+        return softmax_top_k(logits, self.preprocessing.class_names, k)
+
+    def describe(self) -> dict[str, Any]:
+        """What /models shows for this version."""
+        info = self.engine.get_model_info()
+        return {
+            "version": self.version,
+            "framework": self.framework,
+            "precision": self.precision,
+            "providers": info["providers"],
+            "inputs": info["inputs"],
+            "task": self.preprocessing.task_type,
+            "class_names": self.preprocessing.class_names,
+            "queue_depth": self.batcher.depth(),
+            "batches_run": self.batcher.batches_run,
+            "items_run": self.batcher.items_run,
+        }

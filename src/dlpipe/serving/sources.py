@@ -1,0 +1,126 @@
+"""Where served models come from: the MLflow registry, or local packages (tests, `--package`).
+
+A source answers two blocking questions, asked off the event loop:
+`plan()` -- which versions to serve and how to route between them -- and `fetch(version)` -- the
+local package directory of a version.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from dlpipe.tracking.ab import ABTestConfig, RoutingState, ab_config_to_dict, choose_version
+from dlpipe.tracking.package import METADATA_FILE
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """The registry's routing state for one model: which versions serve, and who answers whom.
+
+    Decisions use the registry's own `choose_version`, so a sticky `X-Request-Key` lands on the
+    same version here as in `ModelRegistry.get_model_for_request`.
+    """
+
+    model_name: str
+    state: RoutingState
+
+    @property
+    def versions(self) -> frozenset[str]:
+        return frozenset(self.state.serving_versions())
+
+    def choose(self, request_key: str | None = None) -> tuple[str, str]:
+        """(version, route) for a request; sticky per `request_key` during an A/B test."""
+        return choose_version(self.state, self.model_name, request_key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "champion": self.state.champion,
+            "latest": self.state.latest,
+            "ab": ab_config_to_dict(self.state.ab),
+            "serving_versions": self.state.serving_versions(),
+        }
+
+
+class ModelSource(Protocol):
+    model_name: str
+
+    def plan(self) -> RoutingPlan: ...
+
+    def fetch(self, version: str) -> Path: ...
+
+
+class LocalSource:
+    """Serve package directories (or `.onnx` files) from disk; routing set in code (tests, CLI)."""
+
+    def __init__(
+        self, model_name: str, packages: dict[str, str | Path], default_version: str | None = None
+    ) -> None:
+        if not packages:
+            raise ValueError("LocalSource needs at least one package")
+        self.model_name = model_name
+        self._lock = threading.Lock()
+        self._packages = {str(v): Path(p) for v, p in packages.items()}
+        champion = default_version or next(reversed(self._packages))
+        self._plan = RoutingPlan(model_name, RoutingState(champion=str(champion)))
+
+    @classmethod
+    def from_path(cls, model_name: str, path: str | Path) -> LocalSource:
+        """One package; its version is the one in its metadata.json, else "1"."""
+        p = Path(path)
+        version = "1"
+        meta = (p if p.is_dir() else p.parent) / METADATA_FILE
+        if meta.is_file():
+            from dlpipe.tracking.metadata import ModelMetadata
+
+            version = ModelMetadata.from_json(meta.read_text()).version or "1"
+        return cls(model_name, {version: p})
+
+    def add_package(self, version: str, path: str | Path) -> None:
+        with self._lock:
+            self._packages[str(version)] = Path(path)
+
+    def set_plan(self, champion: str, ab: ABTestConfig | None = None) -> None:
+        """Route to `champion` (promote / rollback), or split traffic when `ab` is given."""
+        with self._lock:
+            plan = RoutingPlan(self.model_name, RoutingState(champion=str(champion), ab=ab))
+            unknown = sorted(plan.versions - set(self._packages))
+            if unknown:
+                raise ValueError(f"unknown version(s) {unknown}; known: {sorted(self._packages)}")
+            self._plan = plan
+
+    def plan(self) -> RoutingPlan:
+        with self._lock:
+            return self._plan
+
+    def fetch(self, version: str) -> Path:
+        with self._lock:
+            if version not in self._packages:
+                raise KeyError(f"version {version!r} of {self.model_name!r} is not known")
+            return self._packages[version]
+
+
+class RegistrySource:
+    """Follow the MLflow registry: A/B config, else the champion alias, else the latest version.
+
+    `routing_state` is the registry's cached read, invalidated by its routing signal, so polling
+    it every second costs a file read, not a database query.
+    """
+
+    def __init__(self, model_name: str, tracking_uri: str | None = None) -> None:
+        from dlpipe.tracking.registry_reader import RegistryReader
+
+        self.model_name = model_name
+        self.registry = RegistryReader(tracking_uri)
+
+    def plan(self) -> RoutingPlan:
+        state = self.registry.routing_state(self.model_name)
+        if not state.serving_versions():
+            raise LookupError(f"model {self.model_name!r} has no versions in the registry")
+        return RoutingPlan(self.model_name, state)
+
+    def fetch(self, version: str) -> Path:
+        return Path(self.registry.get_model(self.model_name, version))
