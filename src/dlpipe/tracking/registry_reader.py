@@ -115,7 +115,8 @@ class RegistryReader:
 
     def list_versions(self, name: str) -> list[dict[str, Any]]:
         """Every version, oldest first: its metadata plus `aliases`, `run_id`, `source`."""
-        self._registered_model(name)
+        # Search results carry no aliases: take them from the registered model.
+        aliases = self._registered_model(name).aliases or {}
         out = []
         for mv in sorted(self._all_versions(name), key=lambda m: int(m.version)):
             row: dict[str, Any] = {}
@@ -123,7 +124,7 @@ class RegistryReader:
                 row.update(json.loads(mv.tags[METADATA_TAG]))
             row.update(
                 version=str(mv.version),
-                aliases=sorted(mv.aliases or []),
+                aliases=sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
                 run_id=mv.run_id,
                 source=mv.source,
                 created_ms=mv.creation_timestamp,

@@ -1,0 +1,258 @@
+"""`dlpipe registry`: list, show, promote, A/B split, roll back and audit model versions.
+
+    dlpipe registry list fashion
+    dlpipe registry show fashion@champion --json
+    dlpipe registry ab fashion --a 3 --b 4 --split 0.9
+    dlpipe registry rollback fashion --to 3
+
+The store is `--tracking-uri`, else MLFLOW_TRACKING_URI. With `--json` the last stdout line is
+one JSON value. Errors print one line to stderr, exit non-zero and change nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from dlpipe.tracking.ab import ABTestConfig, ab_config_to_dict
+
+
+class _UsageError(Exception):
+    """A command line argparse rejected."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI)")
+    common.add_argument("--json", action="store_true", help="print one JSON value as last line")
+    parser = _Parser(prog="dlpipe registry", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("list", parents=[common], help="every version with metadata and aliases")
+    p.add_argument("name")
+    p = sub.add_parser("show", parents=[common], help="one version: NAME, NAME@alias, NAME:3")
+    p.add_argument("spec", metavar="NAME[@alias|:version]")
+    p = sub.add_parser("promote", parents=[common], help="point an alias (champion) at a version")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--alias", default="champion")
+    p = sub.add_parser("ab", parents=[common], help="set (--a --b --split) or --clear an A/B split")
+    p.add_argument("name")
+    p.add_argument("--a", dest="model_a", help="version A")
+    p.add_argument("--b", dest="model_b", help="version B")
+    p.add_argument("--split", type=float, help="share of traffic for A, in [0, 1]")
+    p.add_argument("--clear", action="store_true", help="end the A/B split")
+    p = sub.add_parser("rollback", parents=[common], help="send all traffic to a version")
+    p.add_argument("name")
+    p.add_argument("--to", required=True, dest="to_version")
+    p = sub.add_parser("history", parents=[common], help="audit trail of alias and A/B changes")
+    p.add_argument("name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `dlpipe registry` command; returns the exit code."""
+    args_list = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parser().parse_args(args_list)
+    except _UsageError as err:
+        print(f"dlpipe registry: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # -h / --help
+        return int(done.code or 0)
+    _quiet_mlflow()
+    from mlflow.exceptions import MlflowException
+
+    from dlpipe.tracking.registry import ModelRegistry
+
+    try:
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        result, render = _COMMANDS[args.command](ModelRegistry(uri), args)
+    except (ValueError, LookupError, MlflowException) as err:  # RegistryError is a ValueError
+        message = str(getattr(err, "message", err)).strip().splitlines() or [type(err).__name__]
+        print(f"dlpipe registry: error: {message[0]}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, sort_keys=True, default=str))
+    else:
+        render()
+    return 0
+
+
+def _quiet_mlflow() -> None:
+    """Keep stderr for our own error line: no MLflow INFO logs, warnings or progress bars."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _cmd_list(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    rows = reg.list_versions(args.name)
+    ab = reg.get_ab_config(args.name)
+
+    def render() -> None:
+        table = Table(title=f"{args.name}: {len(rows)} version(s)")
+        for col in (
+            "version",
+            "aliases",
+            "framework",
+            "precision",
+            "size MB",
+            "metrics",
+            "trained",
+            "parent",
+        ):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(
+                r["version"],
+                ", ".join(r["aliases"]),
+                r.get("framework", "?"),
+                r.get("precision", "?"),
+                str(r.get("model_size_mb", "?")),
+                _metrics(r.get("accuracy_metrics")),
+                str(r.get("training_date", "?"))[:19],
+                str(r.get("parent_version") or ""),
+            )
+        _console().print(table)
+        if ab is not None:
+            _console().print(
+                f"A/B: {ab.model_a_version} gets {ab.traffic_split:.1%}, "
+                f"{ab.model_b_version} the rest"
+            )
+
+    return rows, render
+
+
+def _cmd_show(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    name, version = _split_spec(args.spec)
+    meta = reg.get_metadata(name, version)
+    aliases: list[str] = next(
+        (r["aliases"] for r in reg.list_versions(name) if r["version"] == meta.version), []
+    )
+    result = {**meta.to_dict(), "aliases": aliases}
+
+    def render() -> None:
+        table = Table(title=f"{name} version {meta.version}", show_header=False)
+        table.add_column("field")
+        table.add_column("value")
+        for key, value in result.items():
+            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            table.add_row(key, text)
+        _console().print(table)
+
+    return result, render
+
+
+def _cmd_promote(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    version = reg.promote(args.name, args.version, alias=args.alias)
+    result = {"model": args.name, "alias": args.alias, "version": version}
+    return result, lambda: _console().print(f"{args.name}@{args.alias} -> version {version}")
+
+
+def _cmd_ab(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    given = [x is not None for x in (args.model_a, args.model_b, args.split)]
+    if args.clear:
+        if any(given):
+            raise ValueError("use either --clear or --a/--b/--split, not both")
+        cleared = reg.clear_ab_config(args.name)
+        result = {"model": args.name, "cleared": cleared, "ab_config": None}
+        text = "A/B split ended" if cleared else "no A/B split was active"
+        return result, lambda: _console().print(f"{args.name}: {text}")
+    if not all(given):
+        raise ValueError("ab needs --a, --b and --split together, or --clear")
+    config = ABTestConfig(args.model_a, args.model_b, args.split)
+    reg.set_ab_config(args.name, config)
+    result = {"model": args.name, "ab_config": ab_config_to_dict(config)}
+    return result, lambda: _console().print(
+        f"{args.name}: version {config.model_a_version} gets {config.traffic_split:.1%}, "
+        f"version {config.model_b_version} the rest"
+    )
+
+
+def _cmd_rollback(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    result = reg.rollback(args.name, args.to_version)
+    gone = ", ".join(result["rolled_back_from"]) or "none"
+    return result, lambda: _console().print(
+        f"{args.name}: all traffic -> version {result['to']} (rolled back from: {gone})"
+    )
+
+
+def _cmd_history(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    entries = reg.history(args.name)
+
+    def render() -> None:
+        table = Table(title=f"{args.name}: audit trail")
+        for col in ("time", "user", "action", "from", "to", "detail"):
+            table.add_column(col)
+        for e in entries:
+            table.add_row(
+                str(e.get("time", ""))[:23],
+                str(e.get("user", "")),
+                str(e.get("action", "")),
+                _short(e.get("from")),
+                _short(e.get("to")),
+                _short(e.get("detail")),
+            )
+        _console().print(table)
+
+    return entries, render
+
+
+_COMMANDS = {
+    "list": _cmd_list,
+    "show": _cmd_show,
+    "promote": _cmd_promote,
+    "ab": _cmd_ab,
+    "rollback": _cmd_rollback,
+    "history": _cmd_history,
+}
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """`name@alias`, `name:3` or `name` (latest)."""
+    if "@" in spec:
+        name, alias = spec.rsplit("@", 1)
+        return name, "@" + alias
+    if ":" in spec:
+        name, version = spec.rsplit(":", 1)
+        return name, version
+    return spec, None
+
+
+def _metrics(metrics: dict[str, float] | None) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in (metrics or {}).items())
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict) and "traffic_split" in value:  # an A/B config
+        return (
+            f"A={value['model_a_version']} B={value['model_b_version']} {value['traffic_split']:g}"
+        )
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_short(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(_short(v) for v in value)
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # pipes and logs: do not squeeze tables into 80 columns
+        console = Console(width=160)
+    return console
