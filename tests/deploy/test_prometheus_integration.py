@@ -1,0 +1,329 @@
+"""A real Prometheus scrapes a real `dlpipe serve` under load; PromQL agrees with the client.
+
+Starts `dlpipe serve --package` (a freshly exported simple_cnn ONNX package) and
+`/usr/bin/prometheus` (1 s scrapes, the alert rules from deploy/prometheus) on free local ports,
+drives /predict with a closed-loop load generator, then asks Prometheus's HTTP API for the request
+count, the request rate and the p95 latency and compares them with what the clients measured.
+"""
+
+from __future__ import annotations
+
+import bisect
+import http.client
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from dlpipe.monitoring.metrics import LATENCY_BUCKETS
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS = shutil.which("prometheus")
+ENDPOINT = "/predict"
+CLIENTS = 4
+LOAD_SECONDS = 7.0
+WARMUP_REQUESTS = 20
+
+pytestmark = [
+    pytest.mark.skipif(
+        PROMETHEUS is None,
+        reason="prometheus server not installed (`make system-deps` installs Debian prometheus)",
+    ),
+    pytest.mark.timeout(300),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{proc.args!r} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def model_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real model package: simple_cnn exported to ONNX with a dynamic batch axis."""
+    import torch
+
+    from dlpipe.config import load_config
+    from dlpipe.models import create_model, example_inputs
+    from dlpipe.tracking.metadata import ModelMetadata
+    from dlpipe.tracking.package import save_model_package
+
+    root = tmp_path_factory.mktemp("package")
+    cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml")
+    net = create_model("simple_cnn", 10, 1).eval()
+    inputs = example_inputs("simple_cnn", 2, cfg.preprocessing)
+    onnx_path = root / "export.onnx"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(
+        net,
+        inputs,
+        onnx_path,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        dynamo=True,
+        external_data=False,  # one self-contained file (the package renames it to model.onnx)
+    )
+    metadata = ModelMetadata(
+        model_name="fashion_mnist_cnn",
+        framework="onnx",
+        precision="fp32",
+        model_size_mb=0.0,
+        training_date=datetime.now(UTC),
+        accuracy_metrics={"test/acc": 0.1},
+        preprocessing_config=cfg.preprocessing,
+        version="1",
+    )
+    return save_model_package(root / "model", cfg, metadata, onnx_path=onnx_path)
+
+
+@pytest.fixture(scope="module")
+def dlpipe_server(model_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`dlpipe serve --package` as a separate process; yields its base URL once /ready."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DLPIPE_ACCESS_LOG": "false",
+        "DLPIPE_LOG_LEVEL": "warning",
+        "DLPIPE_ORT_INTRA_OP_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "dlpipe.cli", "serve", "--package", str(model_package)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ready", proc, log, timeout_s=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def prometheus(dlpipe_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus scraping the server every second with the shipped alert rules."""
+    assert PROMETHEUS is not None
+    work = tmp_path_factory.mktemp("prometheus")
+    shipped = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    shipped["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    shipped["rule_files"] = [str(ROOT / "deploy/prometheus/alerts.yml")]
+    (job,) = [j for j in shipped["scrape_configs"] if j["job_name"] == "dlpipe"]
+    job["scrape_timeout"] = "1s"
+    job["static_configs"][0]["targets"] = [dlpipe_server]
+    shipped["scrape_configs"] = [job]
+    config = work / "prometheus.yml"
+    config.write_text(yaml.safe_dump(shipped))
+    port = _free_port()
+    log = work / "prometheus.log"
+    cmd = [
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={work / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--storage.tsdb.retention.time=1h",
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=work)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/-/ready", proc, log, timeout_s=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+def _query(prom: str, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+    params = {"query": expr} | ({"time": f"{at:.3f}"} if at is not None else {})
+    url = f"{prom}/api/v1/query?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def _scalar(prom: str, expr: str, at: float | None = None) -> float | None:
+    result = _query(prom, expr, at)
+    return float(result[0]["value"][1]) if result else None
+
+
+def _wait_for_value(prom: str, expr: str, expected: float, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    value = None
+    while time.monotonic() < deadline:
+        value = _scalar(prom, expr)
+        if value == expected:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"Prometheus: {expr} = {value}, expected {expected}")
+
+
+def _png_upload() -> tuple[bytes, str]:
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(png, format="PNG")
+    boundary = "dlpipe-load-boundary"
+    body = (
+        (
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png.getvalue()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+@dataclass
+class Completed:
+    finished: float  # wall clock, as Prometheus timestamps
+    latency_s: float
+    status: int
+
+
+def _post(conn: http.client.HTTPConnection, body: bytes, content_type: str) -> int:
+    conn.request("POST", ENDPOINT, body=body, headers={"Content-Type": content_type})
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def _closed_loop(server: str, seconds: float, clients: int) -> list[Completed]:
+    """`clients` threads, each sending the next request as soon as the last one is answered."""
+    body, content_type = _png_upload()
+    host, port = server.split(":")
+    done: list[Completed] = []
+    lock = threading.Lock()
+    stop_at = time.time() + seconds
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        mine = []
+        while time.time() < stop_at:
+            start = time.perf_counter()
+            status = _post(conn, body, content_type)
+            mine.append(Completed(time.time(), time.perf_counter() - start, status))
+        conn.close()
+        with lock:
+            done.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done
+
+
+def _bucket_index(seconds: float) -> int:
+    """Index of the latency histogram bucket that holds `seconds`."""
+    return bisect.bisect_left(LATENCY_BUCKETS, seconds)
+
+
+@pytest.mark.slow
+def test_prometheus_reports_what_the_load_generator_measured(
+    dlpipe_server: str, prometheus: str
+) -> None:
+    selector = f'dlpipe_requests_total{{job="dlpipe",endpoint="{ENDPOINT}",status="200"}}'
+    _wait_for_value(prometheus, 'up{job="dlpipe"}', 1.0)
+
+    body, content_type = _png_upload()
+    host, port = dlpipe_server.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    statuses = [_post(conn, body, content_type) for _ in range(WARMUP_REQUESTS)]
+    conn.close()
+    assert statuses == [200] * WARMUP_REQUESTS
+    _wait_for_value(prometheus, f"sum({selector})", WARMUP_REQUESTS)
+    time.sleep(1.5)  # at least one more flat scrape before the load starts
+
+    load_start = time.time()
+    done = _closed_loop(dlpipe_server, LOAD_SECONDS, CLIENTS)
+    load_end = max(c.finished for c in done)
+    assert all(c.status == 200 for c in done), {c.status for c in done}
+
+    # Count: after the next scrape Prometheus holds exactly what the server answered.
+    _wait_for_value(prometheus, f"sum({selector})", WARMUP_REQUESTS + len(done))
+    evaluated_at = time.time()
+
+    # Rate: a window strictly inside the load, compared with the clients' completions in it.
+    window = int(LOAD_SECONDS - 2)
+    rate_at = load_end - 0.5
+    prom_rate = _scalar(prometheus, f"sum(rate({selector}[{window}s]))", at=rate_at)
+    client_rate = sum(rate_at - window < c.finished <= rate_at for c in done) / window
+    assert prom_rate is not None
+    assert prom_rate == pytest.approx(client_rate, rel=0.2), (prom_rate, client_rate)
+
+    # p95: over the whole load (flat before and after); histogram_quantile is scale-invariant,
+    # so range extrapolation does not move it.
+    span = int(evaluated_at - load_start + 1.2) + 1
+    prom_p95 = _scalar(
+        prometheus,
+        "histogram_quantile(0.95, sum by (le) (increase(dlpipe_request_latency_seconds_bucket"
+        f'{{job="dlpipe",endpoint="{ENDPOINT}",status="200"}}[{span}s])))',
+        at=evaluated_at,
+    )
+    client_p95 = float(np.percentile([c.latency_s for c in done], 95))
+    assert prom_p95 is not None
+    assert abs(_bucket_index(prom_p95) - _bucket_index(client_p95)) <= 1, (
+        f"PromQL p95 {prom_p95 * 1000:.2f} ms vs client p95 {client_p95 * 1000:.2f} ms "
+        f"are more than one histogram bucket apart (buckets {LATENCY_BUCKETS})"
+    )
+    print(
+        f"\n{len(done)} requests, {CLIENTS} clients, {LOAD_SECONDS:.0f} s | "
+        f"rate PromQL {prom_rate:.1f}/s vs client {client_rate:.1f}/s | "
+        f"p95 PromQL {prom_p95 * 1000:.2f} ms vs client {client_p95 * 1000:.2f} ms"
+    )
+
+    # The shipped alert rules are loaded and evaluate cleanly; the server is not reported down.
+    with urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=5) as response:
+        groups = json.load(response)["data"]["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    assert len(rules) == 6 and all(r["health"] == "ok" for r in rules), rules
+    assert _query(prometheus, 'ALERTS{alertname="DlpipeDown"}') == []
