@@ -61,6 +61,10 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck(name: str, base: st
     user = users[-1].split(":")[0]
     assert user not in ("root", "0"), "runs as non-root"
     assert keys.index("USER") < keys.index("ENTRYPOINT")
+    (workdir,) = [a for k, a in final if k == "WORKDIR"]
+    assert any(f"-o dlpipe -g dlpipe {workdir}" in a for k, a in final if k == "RUN"), (
+        "the non-root user owns the working directory (checkpoints, mlruns)"
+    )
     (healthcheck,) = [a for k, a in final if k == "HEALTHCHECK"]
     assert "/health" in healthcheck and "CMD" in healthcheck
     assert [a for k, a in final if k == "ENTRYPOINT"] == ['["dlpipe"]']
