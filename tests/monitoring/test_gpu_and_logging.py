@@ -60,6 +60,20 @@ def test_background_thread_polls_repeatedly_and_stops() -> None:
     assert reader.calls == calls  # stopped: no more polls
 
 
+def test_stop_then_start_resumes_polling() -> None:
+    reader = FakeReader()
+    monitor = GpuMonitor(MetricsCollector(), reader=reader, interval_s=0.01)
+    monitor.start()
+    assert reader.polled.wait(5.0)
+    monitor.stop()
+    reader.polled.clear()
+    reader.calls = 0
+    monitor.start()
+    assert reader.polled.wait(5.0)
+    monitor.close()
+    assert monitor.enabled  # an injected reader is not NVML: close() leaves it in place
+
+
 def test_a_failing_reader_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
     def broken() -> list[GpuReading]:
         raise OSError("driver went away")
@@ -90,7 +104,8 @@ def test_real_nvml_readings_on_a_gpu_host() -> None:
     monitor = GpuMonitor(c)
     assert monitor.enabled
     readings = monitor.poll_once()
-    monitor.stop()
+    monitor.close()
+    assert not monitor.enabled
     assert readings and readings[0].memory_total_bytes > 0
     assert c.registry.get_sample_value("dlpipe_gpu_memory_total_bytes", {"gpu": "0"}) > 0
 

@@ -1,7 +1,7 @@
 """GPU utilization and memory gauges, read through NVML (`nvidia-ml-py`) on a background thread.
 
     monitor = GpuMonitor(collector, interval_s=5)   # NVML when a GPU exists, else a no-op
-    monitor.start(); ...; monitor.stop()
+    monitor.start(); ...; monitor.close()
 
 Tests inject a `reader` (any callable returning `GpuReading`s) to feed fake readings.
 """
@@ -135,11 +135,15 @@ class GpuMonitor:
             self._stop.wait(self.interval_s)
 
     def stop(self) -> None:
-        """Stop polling and release NVML."""
+        """Stop polling (`start()` may resume it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s + 1)
             self._thread = None
+
+    def close(self) -> None:
+        """Stop polling and release NVML; the monitor is disabled afterwards."""
+        self.stop()
         if self._nvml is not None:
             self._nvml.close()
             self._nvml = None
@@ -150,4 +154,4 @@ class GpuMonitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
