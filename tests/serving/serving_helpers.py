@@ -86,3 +86,75 @@ def jpeg_bytes(pixels: np.ndarray, quality: int = 90) -> bytes:
 
 def random_png(rng: np.random.Generator, size: int = 28) -> bytes:
     return png_bytes(rng.integers(0, 256, (size, size), dtype=np.uint8))
+
+
+def biased_copy(onnx_path: Path, out_path: Path, winner: int, margin: float = 1000.0) -> Path:
+    """A copy of a classifier graph whose final bias makes class `winner` always win.
+
+    Versions built this way answer differently, so a test sees which version computed a
+    response from the prediction itself, not only from the `model_version` field.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    biases = [
+        init
+        for init in model.graph.initializer
+        if init.name.endswith("bias") and list(init.dims) == [len(CLASS_NAMES)]
+    ]
+    if not biases:
+        raise ValueError(f"{onnx_path}: no {len(CLASS_NAMES)}-class bias initializer found")
+    last = biases[-1]
+    values = numpy_helper.to_array(last).copy()
+    values[:] = 0.0
+    values[winner] = margin
+    last.CopyFrom(numpy_helper.from_array(values.astype(np.float32), last.name))
+    onnx.save(model, str(out_path))
+    return out_path
+
+
+def make_biased_package(root: Path, base_onnx: Path, version: str, winner: int) -> Path:
+    """An ONNX-only package (version `version`) that always predicts class `winner`."""
+    cfg = PipelineConfig.model_validate(
+        {
+            "model": {"name": "simple_cnn", "extra": {"width": 8}},
+            "preprocessing": {"class_names": CLASS_NAMES, "augment": False},
+        }
+    )
+    meta = ModelMetadata(
+        model_name="fashion",
+        framework="onnx",
+        precision="fp32",
+        model_size_mb=0.0,
+        training_date=utc_now(),
+        accuracy_metrics={"val/acc": 0.5},
+        preprocessing_config=cfg.preprocessing,
+        version=version,
+    )
+    out = root / f"biased-v{version}"
+    out.mkdir(parents=True, exist_ok=True)
+    graph = biased_copy(base_onnx, root / f"biased-v{version}.onnx", winner)
+    return save_model_package(out, cfg, meta, onnx_path=graph)
+
+
+class FakeGpuReader:
+    """Stands in for NVML: returns whatever readings the test put in."""
+
+    def __init__(self) -> None:
+        from dlpipe.monitoring.gpu import GpuReading
+
+        self.readings: list[GpuReading] = []
+
+    def __call__(self) -> list:  # type: ignore[type-arg]
+        return list(self.readings)
+
+
+def sample_value(app, name: str, labels: dict[str, str] | None = None) -> float:  # type: ignore[no-untyped-def]
+    """Current value of one metric sample in the app's own registry (0 when absent)."""
+    value = app.state.collector.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else float(value)
+
+
+def upload(data: bytes, field: str = "file", name: str = "x.png") -> dict:  # type: ignore[type-arg]
+    return {field: (name, data, "image/png")}

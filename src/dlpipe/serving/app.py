@@ -109,6 +109,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gpu = GpuMonitor(collector, reader=gpu_reader, interval_s=settings.gpu_poll_interval_s)
+        app.state.gpu_monitor = gpu
         gpu.start()
         manager = ModelManager(source or build_source(settings), settings, collector)
         app.state.manager = manager

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 
 router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics (text format 0.0.4)."""
+async def metrics(
+    request: Request,
+    format: Literal["prometheus", "json"] = Query("prometheus"),
+) -> Response:
+    """Prometheus text exposition; `?format=json` gives the design's JSON snapshot instead
+    (counts, p50/p95/p99 over a recent window, errors by type, throughput in requests/s)."""
     manager = getattr(request.app.state, "manager", None)
     if manager is not None:
         manager.update_gauges()
-    body, content_type = request.app.state.collector.render()
+    collector = request.app.state.collector
+    if format == "json":
+        return JSONResponse(collector.get_metrics())
+    body, content_type = collector.render()
     return Response(body, media_type=content_type)

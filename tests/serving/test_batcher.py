@@ -1,0 +1,144 @@
+"""MicroBatcher unit behaviour: batching, error fan-out, load shedding, deadlines, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from dlpipe.serving.batcher import BatchStats, MicroBatcher
+from dlpipe.serving.errors import BatcherClosed, DeadlineExceeded, Overloaded
+
+
+def _doubler(calls: list[list[int]]):  # type: ignore[no-untyped-def]
+    def run(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        return [2 * x for x in items]
+
+    return run
+
+
+def test_concurrent_submits_form_one_batch_in_order() -> None:
+    calls: list[list[int]] = []
+
+    async def main() -> list[int]:
+        b = MicroBatcher(_doubler(calls), max_batch_size=8, max_wait_s=0.5, capacity=64)
+        b.start()
+        out = await asyncio.gather(*(b.submit(i, 2.0) for i in range(8)))
+        await b.close()
+        return list(out)
+
+    assert asyncio.run(main()) == [2 * i for i in range(8)]
+    assert calls == [list(range(8))]  # the full-batch event fired: no waiting out max_wait
+
+
+def test_max_wait_bounds_a_lonely_request() -> None:
+    calls: list[list[int]] = []
+
+    async def main() -> float:
+        b = MicroBatcher(_doubler(calls), max_batch_size=64, max_wait_s=0.05, capacity=64)
+        b.start()
+        t = time.perf_counter()
+        assert await b.submit(3, 2.0) == 6
+        elapsed = time.perf_counter() - t
+        await b.close()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert 0.04 <= elapsed < 1.0
+    assert calls == [[3]]
+
+
+def test_exception_reaches_every_future_of_the_batch() -> None:
+    def boom(items: list[int]) -> list[int]:
+        raise RuntimeError("model exploded")
+
+    async def main() -> list[BaseException | int]:
+        b = MicroBatcher(boom, max_batch_size=4, max_wait_s=0.2, capacity=16)
+        b.start()
+        out = await asyncio.gather(*(b.submit(i, 2.0) for i in range(4)), return_exceptions=True)
+        await b.close()
+        return out
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in results)
+
+
+def test_wrong_number_of_results_is_an_error_not_a_mixup() -> None:
+    async def main() -> list[BaseException | int]:
+        b = MicroBatcher(lambda xs: xs[:-1], max_batch_size=3, max_wait_s=0.2, capacity=16)
+        b.start()
+        out = await asyncio.gather(*(b.submit(i, 2.0) for i in range(3)), return_exceptions=True)
+        await b.close()
+        return out
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) and "returned 2 results" in str(r) for r in results)
+
+
+def test_full_queue_sheds_load_with_retry_after() -> None:
+    gate = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        gate.wait(5)
+        return items
+
+    async def main() -> None:
+        b = MicroBatcher(slow, max_batch_size=1, max_wait_s=0.0, capacity=2)
+        b.start()
+        first = asyncio.ensure_future(b.submit(0, 5.0))
+        await asyncio.sleep(0.05)  # batch 0 is running and blocks the thread
+        queued = [b.submit_nowait(i, 5.0) for i in (1, 2)]
+        with pytest.raises(Overloaded) as info:
+            b.submit_nowait(3, 5.0)
+        assert "queue full" in info.value.message
+        assert int(info.value.headers()["Retry-After"]) >= 1
+        gate.set()
+        assert await first == 0
+        assert await asyncio.gather(*queued) == [1, 2]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_deadline_gives_timeout_and_later_requests_still_work() -> None:
+    def slow(items: list[int]) -> list[int]:
+        time.sleep(0.3)
+        return items
+
+    async def main() -> None:
+        b = MicroBatcher(slow, max_batch_size=1, max_wait_s=0.0, capacity=8)
+        b.start()
+        with pytest.raises(DeadlineExceeded):
+            await b.submit(1, 0.05)
+        assert await b.submit(2, 2.0) == 2
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_close_drains_queued_requests_then_refuses_new_ones() -> None:
+    stats: list[BatchStats] = []
+
+    def slow(items: list[int]) -> list[int]:
+        time.sleep(0.05)
+        return items
+
+    async def main() -> None:
+        b = MicroBatcher(slow, max_batch_size=2, max_wait_s=0.0, capacity=16, on_batch=stats.append)
+        b.start()
+        futures = [b.submit_nowait(i, 5.0) for i in range(6)]
+        await b.close()
+        assert [f.result() for f in futures] == list(range(6))
+        with pytest.raises(BatcherClosed):
+            b.submit_nowait(9, 1.0)
+
+    asyncio.run(main())
+    assert sum(s.size for s in stats) == 6
+
+
+def test_constructor_needs_no_event_loop() -> None:
+    b = MicroBatcher(lambda xs: xs)  # no running loop here: must not raise
+    assert b.depth() == 0
