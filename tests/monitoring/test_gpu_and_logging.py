@@ -70,8 +70,8 @@ def test_stop_then_start_resumes_polling() -> None:
     reader.calls = 0
     monitor.start()
     assert reader.polled.wait(5.0)
-    monitor.close()
-    assert monitor.enabled  # an injected reader is not NVML: close() leaves it in place
+    monitor.stop()
+    assert monitor.enabled  # an injected reader is not NVML: stop() leaves it in place
 
 
 def test_a_failing_reader_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
@@ -104,8 +104,11 @@ def test_real_nvml_readings_on_a_gpu_host() -> None:
     monitor = GpuMonitor(c)
     assert monitor.enabled
     readings = monitor.poll_once()
-    monitor.close()
-    assert not monitor.enabled
+    monitor.stop()
+    assert not monitor.enabled  # NVML released
+    monitor.start()  # and opened again
+    assert monitor.enabled
+    monitor.stop()
     assert readings and readings[0].memory_total_bytes > 0
     assert c.registry.get_sample_value("dlpipe_gpu_memory_total_bytes", {"gpu": "0"}) > 0
 

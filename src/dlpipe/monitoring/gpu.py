@@ -1,7 +1,7 @@
 """GPU utilization and memory gauges, read through NVML (`nvidia-ml-py`) on a background thread.
 
     monitor = GpuMonitor(collector, interval_s=5)   # NVML when a GPU exists, else a no-op
-    monitor.start(); ...; monitor.close()
+    monitor.start(); ...; monitor.stop()
 
 Tests inject a `reader` (any callable returning `GpuReading`s) to feed fake readings.
 """
@@ -83,6 +83,7 @@ class GpuMonitor:
         self.collector = collector
         self.interval_s = interval_s
         self._nvml: NvmlReader | None = None
+        self._uses_nvml = reader is None
         if reader is None:
             reader = self._open_nvml()
         self.reader = reader
@@ -123,7 +124,11 @@ class GpuMonitor:
 
     def start(self) -> None:
         """Start polling on a daemon thread (no-op when disabled or already running)."""
-        if self.reader is None or (self._thread is not None and self._thread.is_alive()):
+        if self._thread is not None and self._thread.is_alive():
+            return
+        if self.reader is None and self._uses_nvml:
+            self.reader = self._open_nvml()  # reopened after a stop()
+        if self.reader is None:
             return
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="dlpipe-gpu-monitor", daemon=True)
@@ -135,15 +140,11 @@ class GpuMonitor:
             self._stop.wait(self.interval_s)
 
     def stop(self) -> None:
-        """Stop polling (`start()` may resume it)."""
+        """Stop polling and release NVML (`start()` opens it again)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s + 1)
             self._thread = None
-
-    def close(self) -> None:
-        """Stop polling and release NVML; the monitor is disabled afterwards."""
-        self.stop()
         if self._nvml is not None:
             self._nvml.close()
             self._nvml = None
@@ -154,4 +155,4 @@ class GpuMonitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.stop()
