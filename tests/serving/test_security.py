@@ -1,0 +1,80 @@
+"""API keys, per-key rate limits, upload size limits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from serving_helpers import random_png, upload
+
+from dlpipe.serving import ServeSettings, create_app
+from dlpipe.serving.sources import LocalSource
+
+
+@pytest.fixture(scope="module")
+def secured(cnn_package: Path) -> Iterator[TestClient]:
+    cfg = ServeSettings(
+        model_name="fashion",
+        api_keys=["alpha-key", "beta-key"],
+        rate_limit="5/second",
+        max_upload_bytes=4096,
+        registry_refresh_s=3600,
+        access_log=False,
+    )
+    app = create_app(cfg, source=LocalSource.from_path("fashion", cnn_package))
+    with TestClient(app) as client:
+        yield client
+
+
+def _png() -> dict:  # type: ignore[type-arg]
+    return upload(random_png(np.random.default_rng(0)))
+
+
+def test_keys_are_required_and_checked(secured: TestClient) -> None:
+    r = secured.post("/predict", files=_png())
+    assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+    r = secured.post("/predict", files=_png(), headers={"X-API-Key": "alpha-kex"})
+    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
+    r = secured.post("/predict", files=_png(), headers={"Authorization": "Basic abc"})
+    assert r.status_code == 401
+    assert secured.post("/predict", files=_png(), headers={"X-API-Key": "beta-key"}).is_success
+    ok = secured.post("/predict", files=_png(), headers={"Authorization": "Bearer alpha-key"})
+    assert ok.is_success
+    # Probes and metrics stay open for orchestrators and Prometheus.
+    assert secured.get("/health").is_success and secured.get("/metrics").is_success
+
+
+def test_rate_limit_is_per_key_with_retry_after(secured: TestClient) -> None:
+    codes = [
+        secured.post("/predict", files=_png(), headers={"X-API-Key": "alpha-key"}).status_code
+        for _ in range(8)
+    ]
+    assert codes.count(429) >= 2 and codes[0] == 200
+    limited = secured.post("/predict", files=_png(), headers={"X-API-Key": "alpha-key"})
+    assert limited.status_code == 429
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert limited.json()["error"]["type"] == "rate_limited"
+    # Another key has its own budget.
+    other = secured.post("/predict", files=_png(), headers={"X-API-Key": "beta-key"})
+    assert other.status_code == 200
+
+
+def test_oversize_upload_is_413_declared_or_streamed(secured: TestClient) -> None:
+    big = upload(b"\x89PNG" + b"\x00" * 10_000)
+    r = secured.post("/predict", files=big, headers={"X-API-Key": "beta-key"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit applies while reading
+        for _ in range(10):
+            yield b"\x00" * 1000
+
+    r = secured.post(
+        "/predict",
+        content=chunks(),
+        headers={"X-API-Key": "beta-key", "content-type": "image/png"},
+    )
+    assert r.status_code == 413
+    assert secured.get("/health").is_success
