@@ -86,6 +86,13 @@ def test_loaders_batch_shapes_and_seeded_shuffle(fake_fashion_dir: Path) -> None
     assert [int(v) for _, ys in again for v in ys] == epoch_labels(1)
 
 
+def test_worker_processes_give_the_same_batches(fake_fashion_dir: Path) -> None:
+    in_process = build_datamodule(fashion_cfg(fake_fashion_dir)).val_dataloader()
+    workers = build_datamodule(fashion_cfg(fake_fashion_dir, num_workers=2)).val_dataloader()
+    for (xa, ya), (xb, yb) in zip(in_process, workers, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 def test_augmented_training_batches_follow_the_torch_seed(fake_fashion_dir: Path) -> None:
     cfg = fashion_cfg(fake_fashion_dir)
     cfg.preprocessing.augment = True

@@ -313,3 +313,38 @@ def test_package_preprocessing_json_loads(tmp_path: Path) -> None:
     config = image_config(channels=3, class_names=["a", "b"])
     (tmp_path / "preprocessing.json").write_text(config.model_dump_json(indent=2))
     assert DataPreprocessor.from_file(tmp_path / "preprocessing.json").config == config
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_faithfully(
+    encode_image: Callable[..., bytes],
+) -> None:
+    pre = DataPreprocessor(
+        image_config(
+            image_size=(30, 40), channels=3, normalization_mean=None, normalization_std=None
+        )
+    )
+    coarse = np.random.default_rng(7).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    photo = np.asarray(Image.fromarray(coarse).resize((800, 600), Image.Resampling.BILINEAR))
+    data = encode_image(photo, "JPEG")
+    assert decode_image(data, reduce_to=(40, 30)).size == (100, 75)  # 1/8 scale, still >= 40×30
+    fast = pre.preprocess_inference(data)
+    full = pre.preprocess_inference(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert isinstance(fast, torch.Tensor) and isinstance(full, torch.Tensor)
+    assert fast.shape == (3, 30, 40)
+    assert (fast - full).abs().mean().item() < 0.02
+
+
+def test_preprocessor_pickles_by_config(
+    gray_preprocessor: DataPreprocessor, text_preprocessor: DataPreprocessor
+) -> None:
+    import pickle
+
+    image = np.random.default_rng(8).integers(0, 256, (8, 8), dtype=np.uint8)
+    for pre, sample in ((gray_preprocessor, image), (text_preprocessor, "pickled text")):
+        copy = pickle.loads(pickle.dumps(pre))
+        assert copy.config == pre.config
+        a, b = copy.preprocess_inference(sample), pre.preprocess_inference(sample)
+        if isinstance(a, dict):
+            assert isinstance(b, dict) and torch.equal(a["input_ids"], b["input_ids"])
+        else:
+            assert torch.equal(a, b)  # type: ignore[arg-type]
