@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -47,14 +46,26 @@ def save_model_package(
         model_file = out / ONNX_FILE
         src = Path(onnx_path)
         if src.resolve() != model_file.resolve():
-            shutil.copyfile(src, model_file)
-        data = src.with_name(src.name + ".data")
-        if data.exists():  # external weights stay beside the graph
-            shutil.copyfile(data, out / (ONNX_FILE + ".data"))
+            _copy_onnx(src, model_file)
     if not metadata.model_size_mb:
         metadata.model_size_mb = package_size_mb(out)
     (out / METADATA_FILE).write_text(metadata.to_json())
     return out
+
+
+def _copy_onnx(src: Path, dst: Path) -> None:
+    """Copy an ONNX graph; external weights are re-pointed at `<dst>.data` (or inlined)."""
+    import onnx
+
+    model = onnx.load(str(src))  # pulls external tensors in, whatever their file is called
+    external = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB ceiling
+    onnx.save_model(
+        model,
+        str(dst),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=dst.name + ".data",
+    )
 
 
 def package_size_mb(directory: str | Path) -> float:
