@@ -174,6 +174,11 @@ def test_image_folder_datamodule_counts_skipped(
     assert x.shape == (4, 3, 8, 8) and set(y.tolist()) <= {0, 1}
     calibration = dm.calibration_samples(3)
     assert len(calibration) == 3 and calibration[0].shape == (8, 8, 3)
+    image, label = dm.raw_samples("val", limit=1)[0]
+    x_val, y_val = next(iter(dm.val_dataloader()))
+    assert label == int(y_val[0])
+    expected = dm.preprocessor.preprocess_inference(image)
+    assert isinstance(expected, torch.Tensor) and torch.equal(expected, x_val[0])
 
 
 def test_class_count_mismatches_are_reported(
@@ -215,6 +220,10 @@ def test_text_file_datamodule(tmp_path: Path) -> None:
     assert batch["input_ids"].shape == (8, 12) and batch["input_ids"].dtype == torch.int64
     assert batch["attention_mask"].shape == (8, 12) and y.shape == (8,)
     assert all(t.startswith("review number") for t in dm.calibration_samples(5))
+    pairs = dm.raw_samples("test")
+    assert len(pairs) == 4 and all(isinstance(t, str) and y in (0, 1) for t, y in pairs)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        dm.raw_samples("dev")
 
 
 def test_too_few_samples_for_the_split(tmp_path: Path) -> None:

@@ -107,11 +107,15 @@ class ClassifierDataModule(L.LightningDataModule):
 
     def calibration_samples(self, n: int) -> list[Any]:
         """The first `n` raw training samples (uint8 H×W×C images or texts), for calibration."""
-        train = self._datasets()["train"]
-        count = min(n, len(train))
-        if isinstance(train, TextDataset):
-            return train.texts[:count]
-        return [train[i][0] for i in range(count)]
+        return [sample for sample, _ in self.raw_samples("train", n)]
+
+    def raw_samples(self, split: str, limit: int | None = None) -> list[tuple[Any, int]]:
+        """`(raw sample, label)` pairs of a split, in order: uint8 H×W×C images or texts."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {split!r}; allowed: train, val, test")
+        dataset = self._datasets()[split]
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        return [dataset[i] for i in range(count)]
 
     # -- internals -------------------------------------------------------------------------
 

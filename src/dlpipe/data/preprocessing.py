@@ -71,11 +71,11 @@ def _load_tokenizer(name: str) -> tuple[Any, threading.Lock]:
     return AutoTokenizer.from_pretrained(path, local_files_only=True), threading.Lock()
 
 
-def decode_image(data: bytes, reduce_to: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(data: bytes) -> Image.Image:
     """Decode PNG/JPEG/... bytes fully; raise InvalidInputError saying what was wrong.
 
-    `reduce_to` is the (width, height) the caller resizes to next: a JPEG decoder may then scale
-    down by a power of two while decoding (never below that size), far faster for large photos.
+    Always a full-resolution decode (no JPEG draft scaling): serving may decode first and
+    preprocess the PIL image later, and must get exactly the pixels training got from the file.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidInputError(f"expected image bytes, got {type(data).__name__}")
@@ -91,8 +91,6 @@ def decode_image(data: bytes, reduce_to: tuple[int, int] | None = None) -> Image
     except Image.DecompressionBombError as err:
         raise InvalidInputError(f"image too large: {err}") from None
     fmt = img.format or "image"
-    if reduce_to is not None and fmt == "JPEG":
-        img.draft(None, reduce_to)  # keeps the color mode; only picks a cheaper DCT scale
     try:
         img.load()  # decoding happens here: truncated or corrupt data fails now, not later
     except (OSError, SyntaxError, ValueError) as err:
@@ -212,7 +210,7 @@ class DataPreprocessor:
         if self.is_text:
             raise InvalidInputError("this preprocessor is for text; got an image-like sample")
         if isinstance(sample, bytes | bytearray | memoryview):
-            sample = decode_image(bytes(sample), reduce_to=(self.width, self.height))
+            sample = decode_image(bytes(sample))
         if isinstance(sample, np.ndarray):
             arr = _check_array(sample)
             if arr.shape == (self.height, self.width, self.channels):
