@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -84,6 +85,36 @@ def test_loaders_batch_shapes_and_seeded_shuffle(fake_fashion_dir: Path) -> None
     again = build_datamodule(fashion_cfg(fake_fashion_dir)).train_dataloader()
     again.sampler.set_epoch(1)  # type: ignore[attr-defined]
     assert [int(v) for _, ys in again for v in ys] == epoch_labels(1)
+
+
+class _RecordLabels(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(28 * 28, 10)
+        self.labels: dict[int, list[int]] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        self.labels.setdefault(self.current_epoch, []).extend(y.tolist())
+        return torch.nn.functional.cross_entropy(self.net(x.flatten(1)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader`", "ignore:`isinstance")
+def test_lightning_fit_order_depends_only_on_seed_and_epoch(fake_fashion_dir: Path) -> None:
+    # What makes a resumed run see the same batches: Lightning calls set_epoch on our sampler.
+    model = _RecordLabels()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=build_datamodule(fashion_cfg(fake_fashion_dir)))
+    loader = build_datamodule(fashion_cfg(fake_fashion_dir)).train_dataloader()
+    for epoch in (1, 0):  # any order: no hidden state carried between epochs
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        assert [int(v) for _, ys in loader for v in ys] == model.labels[epoch]
 
 
 def test_worker_processes_give_the_same_batches(fake_fashion_dir: Path) -> None:
