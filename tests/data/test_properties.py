@@ -30,7 +30,7 @@ PROPERTY_SETTINGS = settings(
 
 @st.composite
 def image_configs(draw: st.DrawFn) -> PreprocessingConfig:
-    channels = draw(st.sampled_from([1, 3, 4]))
+    channels = draw(st.sampled_from([1, 2, 3, 4]))
     per_channel = draw(st.booleans())
     n = channels if per_channel else 1
     unit = st.floats(-1.0, 1.0, allow_nan=False)
@@ -65,7 +65,7 @@ def text_configs(draw: st.DrawFn) -> PreprocessingConfig:
 def raw_images(draw: st.DrawFn) -> Any:
     """A random image as a uint8 array (H×W or H×W×C), a PIL image, or PNG bytes."""
     shape = [draw(st.integers(1, 32)), draw(st.integers(1, 32))]
-    layout = draw(st.sampled_from([None, 1, 3, 4]))
+    layout = draw(st.sampled_from([None, 1, 2, 3, 4]))
     if layout is not None:
         shape.append(layout)
     seed = draw(st.integers(0, 2**32 - 1))
