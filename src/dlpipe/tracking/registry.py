@@ -20,16 +20,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from dlpipe.tracking.ab import ABTestConfig, ab_config_to_dict
 from dlpipe.tracking.metadata import ModelMetadata
-from dlpipe.tracking.package import ONNX_FILE, WEIGHTS_FILE
 from dlpipe.tracking.registry_reader import CHAMPION, RegistryReader, ab_from_tags, check_name
 from dlpipe.tracking.registry_support import (
     AB_TAG,
     METADATA_TAG,
-    TAG_PREFIX,
+    PACKAGE_MODEL_FILES,
     RegistryError,
     audit_entry,
     coerce_metadata,
@@ -41,6 +42,7 @@ from dlpipe.tracking.registry_support import (
 __all__ = ["ABTestConfig", "ModelRegistry", "RegistryError"]
 
 _EXISTS = "RESOURCE_ALREADY_EXISTS"
+_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 
 
 class ModelRegistry(RegistryReader):
@@ -62,44 +64,40 @@ class ModelRegistry(RegistryReader):
         package = Path(model_path)
         if not package.is_dir():
             raise RegistryError(f"model package {package} is not a directory")
-        if not ((package / WEIGHTS_FILE).is_file() or (package / ONNX_FILE).is_file()):
-            raise RegistryError(
-                f"model package {package} has neither {WEIGHTS_FILE} nor {ONNX_FILE}"
-            )
+        if not any((package / f).is_file() for f in PACKAGE_MODEL_FILES):
+            raise RegistryError(f"model package {package} has none of {PACKAGE_MODEL_FILES}")
         name = check_name(meta.model_name)
         if meta.parent_version not in (None, ""):
             self._version(name, str(meta.parent_version), what="parent_version")
         if run_id is not None:
             given = run_id
             try:
-                retry_locked(lambda: self.client.get_run(given))
+                run = retry_locked(lambda: self.client.get_run(given))
             except MlflowException as err:
                 raise RegistryError(f"unknown run_id {run_id!r}") from err
             artifact_path = f"model-{uuid.uuid4().hex[:8]}"
         else:
-            run_id = self._new_run(name)
+            run = self._new_run(name)
             artifact_path = "model"
-        run_uuid: str = run_id
+        run_uuid: str = run.info.run_id
         retry_locked(lambda: self.client.log_artifacts(run_uuid, str(package), artifact_path))
-        run = retry_locked(lambda: self.client.get_run(run_uuid))
-        if artifact_path == "model":  # our own upload run is complete
+        if run_id is None:  # our own upload run is complete
             retry_locked(lambda: self.client.set_terminated(run_uuid))
         source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
         if not meta.source_run_id:
             meta.source_run_id = run_uuid
-        self._ensure_registered_model(name)
-        tags = metadata_tags(meta)
-        # The store allocates the number inside one transaction (max + 1, unique key on
-        # (name, version), retried on conflict); sqlite lock errors are retried here.
-        mv = retry_locked(
-            lambda: self.client.create_model_version(name, source, run_uuid, tags=tags)
-        )
+        mv = self._create_version(name, source, run_uuid, metadata_tags(meta))
         meta.version = str(mv.version)
         if isinstance(metadata, dict):
             metadata["version"] = meta.version
-        for key, value in ((TAG_PREFIX + "version", meta.version), (METADATA_TAG, meta.to_json())):
-            retry_locked(partial(self.client.set_model_version_tag, name, meta.version, key, value))
-        self._record(name, "register", None, meta.version, run_id=run_uuid)
+        # The full-JSON tag now gets the assigned version too.
+        retry_locked(
+            partial(
+                self.client.set_model_version_tag, name, meta.version, METADATA_TAG, meta.to_json()
+            )
+        )
+        self._routing.pop(name, None)
+        self.signal.bump()  # with no champion, "latest" answers requests: a routing change
         return meta.version
 
     def promote(self, name: str, version: str | int, alias: str = CHAMPION) -> str:
@@ -175,7 +173,7 @@ class ModelRegistry(RegistryReader):
         self._routing.pop(name, None)
         return self.signal.bump()
 
-    def _new_run(self, name: str) -> str:
+    def _new_run(self, name: str) -> Run:
         experiment = retry_locked(lambda: self.client.get_experiment_by_name(name))
         if experiment is None:
             try:
@@ -191,12 +189,28 @@ class ModelRegistry(RegistryReader):
             raise RegistryError(f"experiment {name!r} is deleted; restore it or pass run_id")
         else:
             experiment_id = experiment.experiment_id
-        run = retry_locked(lambda: self.client.create_run(experiment_id, run_name="registry"))
-        return str(run.info.run_id)
+        return retry_locked(lambda: self.client.create_run(experiment_id, run_name="registry"))
 
-    def _ensure_registered_model(self, name: str) -> None:
+    def _create_version(
+        self, name: str, source: str, run_id: str, tags: dict[str, str]
+    ) -> ModelVersion:
+        """Create a version, creating the registered model first when it does not exist.
+
+        The store allocates the number inside one transaction (max + 1 under a unique key on
+        (name, version), retried on conflict); sqlite lock errors are retried here.
+        """
+
+        def create() -> ModelVersion:
+            return self.client.create_model_version(name, source, run_id, tags=tags)
+
+        try:
+            return retry_locked(create)
+        except MlflowException as err:
+            if error_code(err) != _NOT_FOUND:
+                raise
         try:
             retry_locked(lambda: self.client.create_registered_model(name))
-        except MlflowException as err:
+        except MlflowException as err:  # another process created it first
             if error_code(err) != _EXISTS:
                 raise
+        return retry_locked(create)

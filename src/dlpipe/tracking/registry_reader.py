@@ -30,10 +30,10 @@ from mlflow.exceptions import MlflowException
 
 from dlpipe.tracking.ab import ABTestConfig, RoutingState, choose_version
 from dlpipe.tracking.metadata import ModelMetadata
-from dlpipe.tracking.package import METADATA_FILE
 from dlpipe.tracking.registry_support import (
     AB_TAG,
     METADATA_TAG,
+    PACKAGE_METADATA_FILE,
     RegistryError,
     audit_entries,
     error_code,
@@ -54,18 +54,21 @@ class RegistryReader:
         *,
         cache_dir: str | Path | None = None,
         routing_ttl_s: float = 2.0,
+        use_routing_signal: bool = True,
     ) -> None:
         """Args:
         registry_uri: MLflow store; default MLFLOW_REGISTRY_URI, then the tracking URI.
         cache_dir: where downloaded versions are kept; default DLPIPE_MODEL_CACHE or
             ~/.cache/dlpipe/models.
         routing_ttl_s: longest time a cached routing state is trusted without a signal.
+        use_routing_signal: watch the signal file beside a local store (False: TTL only, as
+            for remote stores; e.g. a store on a network file system).
         """
         uri = registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or mlflow.get_tracking_uri()
         self.registry_uri = uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.routing_ttl_s = routing_ttl_s
-        self.signal = RoutingSignal(signal_path_for(uri))
+        self.signal = RoutingSignal(signal_path_for(uri) if use_routing_signal else None)
         root = cache_dir or os.environ.get("DLPIPE_MODEL_CACHE") or "~/.cache/dlpipe/models"
         self.cache_dir = Path(root).expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:12]
         self._routing: dict[str, tuple[int, float, RoutingState]] = {}
@@ -94,7 +97,7 @@ class RegistryReader:
             if METADATA_TAG in mv.tags:
                 meta = ModelMetadata.from_json(mv.tags[METADATA_TAG])
                 meta.version = str(mv.version)
-                (local / METADATA_FILE).write_text(meta.to_json())
+                (local / PACKAGE_METADATA_FILE).write_text(meta.to_json())
             try:
                 os.rename(local, dest)
             except OSError:

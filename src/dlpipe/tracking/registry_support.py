@@ -27,6 +27,11 @@ AUDIT_PREFIX = "dlpipe.audit."
 """Registered-model tags `dlpipe.audit.<ns timestamp>-<random>`: one audit entry each."""
 MAX_TAG_VALUE = 100_000  # MLflow's limit for model registry tag values
 
+# File names of a model package, as in `tracking.package` (not imported here: it pulls in torch,
+# which registry readers such as an ONNX Runtime server do not need). A test keeps them equal.
+PACKAGE_METADATA_FILE = "metadata.json"
+PACKAGE_MODEL_FILES = ("weights.pt", "model.onnx")
+
 
 class RegistryError(ValueError):
     """A registry request that cannot be done; the message says what was wrong."""
@@ -82,12 +87,15 @@ def coerce_metadata(metadata: ModelMetadata | dict[str, Any]) -> ModelMetadata:
 def metadata_tags(meta: ModelMetadata) -> dict[str, str]:
     """One `dlpipe.<field>` tag per metadata field plus the full JSON (design Properties 8, 24).
 
+    `version` has no tag of its own: it is the number of the model version holding the tags.
+
     Strings are stored as they are; everything else as JSON (so None is `null`).
     """
     data = meta.to_dict()
     tags = {
         TAG_PREFIX + key: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         for key, value in data.items()
+        if key != "version"  # that is the model version's own number
     }
     tags[METADATA_TAG] = json.dumps(data, sort_keys=True)
     too_long = [k for k, v in tags.items() if len(v) > MAX_TAG_VALUE]

@@ -1,0 +1,241 @@
+"""Design Properties 8, 22, 24 and 25 on a real MLflow sqlite store (one store per module)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow import MlflowClient
+from scipy.stats import binomtest
+
+from dlpipe.config import PipelineConfig, PreprocessingConfig
+from dlpipe.tracking.metadata import REQUIRED_FIELDS, ModelMetadata
+from dlpipe.tracking.package import save_model_package
+from dlpipe.tracking.registry import ABTestConfig, ModelRegistry, RegistryError
+
+SETTINGS = settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+ALPHA = 1e-6  # a correct router fails a split check with probability below this
+
+metric_names = st.from_regex(r"[a-z][a-z0-9_]{0,10}(/[a-z0-9_]{1,8})?", fullmatch=True)
+image_preprocessing = st.builds(
+    lambda h, w, mean, std: PreprocessingConfig(
+        task_type="image_classification",
+        image_size=(h, w),
+        channels=1,
+        normalization_mean=[mean],
+        normalization_std=[std],
+    ),
+    st.integers(1, 512),
+    st.integers(1, 512),
+    st.floats(0, 1),
+    st.floats(0.01, 2),
+)
+text_preprocessing = st.builds(
+    lambda length: PreprocessingConfig(
+        task_type="text_classification", tokenizer_name="minilm", max_sequence_length=length
+    ),
+    st.integers(1, 4096),
+)
+
+
+@st.composite
+def metadata_strategy(draw: st.DrawFn, model_name: str | None = None) -> ModelMetadata:
+    """Any complete metadata, optional fields included."""
+    return ModelMetadata(
+        model_name=model_name or draw(st.sampled_from(["alpha", "beta-2", "gamma.v1"])),
+        framework=draw(st.sampled_from(["pytorch", "onnx", "tensorrt"])),
+        precision=draw(st.sampled_from(["fp32", "fp16", "int8"])),
+        model_size_mb=draw(st.floats(1e-4, 1e4)),
+        training_date=datetime(2020, 1, 1, tzinfo=UTC)
+        + timedelta(seconds=draw(st.integers(0, 10**9))),
+        accuracy_metrics=draw(
+            st.dictionaries(metric_names, st.floats(0, 1), min_size=1, max_size=4)
+        ),
+        preprocessing_config=draw(st.one_of(image_preprocessing, text_preprocessing)),
+        latency_ms=draw(st.none() | st.floats(0.01, 1000)),
+        format_details=draw(
+            st.dictionaries(st.sampled_from(["opset", "sparsity", "engine"]), st.integers(0, 99))
+        ),
+    )
+
+
+def migrated_store(uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Put an empty, already migrated MLflow schema at a fresh sqlite `uri`.
+
+    MLflow's schema migrations cost seconds; they run once per session into a template file
+    that each module copies.
+    """
+    template = tmp_path_factory.getbasetemp() / "mlflow-registry-template.db"
+    if not template.exists():
+        staging = template.with_name(f"{template.name}.{os.getpid()}")
+        MlflowClient(f"sqlite:///{staging}").search_experiments()
+        os.replace(staging, template)
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.exists():
+        shutil.copyfile(template, db)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def registry(module_mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
+    uri = migrated_store(module_mlflow_uri, tmp_path_factory)
+    return ModelRegistry(uri, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real, tiny model package (config, preprocessing, metadata, a Linear's weights)."""
+    cfg = PipelineConfig()
+    meta = ModelMetadata(
+        "pkg", "pytorch", "fp32", 0.0, datetime.now(UTC), {"acc": 0.5}, cfg.preprocessing
+    )
+    return save_model_package(tmp_path_factory.mktemp("pkg"), cfg, meta, net=torch.nn.Linear(4, 2))
+
+
+def _assert_stored(registry: ModelRegistry, meta: ModelMetadata, version: str) -> None:
+    """Every field is stored both as its own tag and inside the full-JSON tag."""
+    mv = registry.client.get_model_version(meta.model_name, version)
+    expected = meta.to_dict()
+    assert expected["version"] == version
+    stored_json = json.loads(mv.tags["dlpipe.metadata"])
+    assert stored_json == expected
+    for field, value in expected.items():
+        if field == "version":  # the model version's own number, not a tag
+            assert str(mv.version) == value
+            continue
+        tag = mv.tags[f"dlpipe.{field}"]
+        assert (tag if isinstance(value, str) else json.loads(tag)) == value, field
+    assert registry.get_metadata(meta.model_name, version) == meta
+
+
+# Feature: deep-learning-pipeline, Property 8: Model registry registration
+@SETTINGS
+@given(meta=metadata_strategy())
+def test_completed_run_is_registered_with_unique_version_and_metadata(
+    registry: ModelRegistry, package: Path, meta: ModelMetadata
+) -> None:
+    client = registry.client
+    experiment = client.get_experiment_by_name("training") or client.get_experiment(
+        client.create_experiment("training")
+    )
+    assert experiment is not None
+    run = client.create_run(experiment.experiment_id)
+    client.log_metric(run.info.run_id, "val/acc", 0.9)
+    client.set_terminated(run.info.run_id)
+    meta.source_run_id = run.info.run_id
+    before = {r["version"] for r in _versions_or_empty(registry, meta.model_name)}
+
+    version = registry.register_model(package, meta, run_id=run.info.run_id)
+
+    assert version not in before and meta.version == version
+    mv = client.get_model_version(meta.model_name, version)
+    assert mv.run_id == run.info.run_id
+    assert mv.source.startswith(run.info.artifact_uri)
+    _assert_stored(registry, meta, version)
+    local = Path(registry.get_model(meta.model_name, version))
+    assert (local / "weights.pt").read_bytes() == (package / "weights.pt").read_bytes()
+    assert json.loads((local / "metadata.json").read_text())["version"] == version
+
+
+# Feature: deep-learning-pipeline, Property 22: Model version uniqueness
+@SETTINGS
+@given(
+    names=st.lists(st.sampled_from(["uniq-a", "uniq-b", "uniq-c"]), min_size=1, max_size=2),
+    data=st.data(),
+)
+def test_version_identifiers_never_collide(
+    registry: ModelRegistry, package: Path, names: list[str], data: st.DataObject
+) -> None:
+    seen: dict[str, set[str]] = {n: _version_set(registry, n) for n in set(names)}
+    for name in names:
+        meta = data.draw(metadata_strategy(model_name=name))
+        version = registry.register_model(package, meta)
+        assert version not in seen[name], f"{name} version {version} assigned twice"
+        seen[name].add(version)
+        assert registry.get_metadata(name, version).training_date == meta.training_date
+    for name, versions in seen.items():
+        assert _version_set(registry, name) == versions
+
+
+# Feature: deep-learning-pipeline, Property 24: Model metadata completeness
+@SETTINGS
+@given(meta=metadata_strategy(), drop=st.sampled_from(REQUIRED_FIELDS))
+def test_registered_versions_store_complete_metadata(
+    registry: ModelRegistry, package: Path, meta: ModelMetadata, drop: str
+) -> None:
+    # Incomplete metadata is refused, naming the missing field, and stores nothing.
+    incomplete: dict[str, Any] = meta.to_dict()
+    incomplete.pop("version")
+    incomplete[drop] = None
+    count = len(_versions_or_empty(registry, meta.model_name))
+    with pytest.raises(RegistryError, match=drop):
+        registry.register_model(package, incomplete)
+    assert len(_versions_or_empty(registry, meta.model_name)) == count
+
+    version = registry.register_model(package, meta)
+    _assert_stored(registry, meta, version)
+    row = next(r for r in registry.list_versions(meta.model_name) if r["version"] == version)
+    for field in ("training_date", "accuracy_metrics", "preprocessing_config", *REQUIRED_FIELDS):
+        assert row[field] == meta.to_dict()[field]
+
+
+@pytest.fixture(scope="module")
+def ab_model(registry: ModelRegistry, package: Path) -> tuple[str, str, str]:
+    meta = ModelMetadata(
+        "ab-model", "onnx", "int8", 0.01, datetime.now(UTC), {"acc": 0.8}, PreprocessingConfig()
+    )
+    first = registry.register_model(package, meta)
+    second = registry.register_model(package, meta)
+    return "ab-model", first, second
+
+
+# Feature: deep-learning-pipeline, Property 25: A/B testing traffic distribution
+@SETTINGS
+@given(
+    # Six decimals: scipy's binomtest overflows for splits near 1e-308.
+    split=st.one_of(st.sampled_from([0.0, 1.0, 0.5]), st.floats(0, 1).map(lambda x: round(x, 6))),
+    swap=st.booleans(),
+    salt=st.integers(0, 10**9),
+)
+def test_ab_traffic_converges_to_configured_split(
+    registry: ModelRegistry, ab_model: tuple[str, str, str], split: float, swap: bool, salt: int
+) -> None:
+    name, a, b = ab_model
+    if swap:
+        a, b = b, a
+    registry.set_ab_config(name, ABTestConfig(a, b, split))
+    n = 4000
+    random_draws = [registry.get_model_for_request(name) for _ in range(n)]
+    keyed_draws = [registry.get_model_for_request(name, f"user-{salt}-{i}") for i in range(n)]
+    for draws in (random_draws, keyed_draws):
+        assert set(draws) <= {a, b}
+        hits = draws.count(a)
+        # Exact two-sided binomial test: reject only what a correct router shows with p < 1e-6.
+        assert binomtest(hits, n, split).pvalue >= ALPHA, (hits, n, split)
+    # Sticky: the same key keeps its version.
+    for i in range(0, n, 200):
+        key = f"user-{salt}-{i}"
+        assert registry.get_model_for_request(name, key) == keyed_draws[i]
+
+
+def _versions_or_empty(registry: ModelRegistry, name: str) -> list[dict[str, Any]]:
+    try:
+        return registry.list_versions(name)
+    except RegistryError:
+        return []
+
+
+def _version_set(registry: ModelRegistry, name: str) -> set[str]:
+    return {r["version"] for r in _versions_or_empty(registry, name)}
