@@ -115,7 +115,39 @@ def load_verified_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 class VerifiedModelCheckpoint(ModelCheckpoint):
-    """Lightning's top-k + last checkpointing, plus a `.sha256` sidecar for every file."""
+    """Lightning's top-k + last checkpointing, plus a `.sha256` sidecar for every file.
+
+    `last.ckpt` is rewritten every epoch; Lightning 2.6 only refreshes it when a top-k file
+    was written in the same step, which would leave a stale `last` to resume from.
+    """
+
+    _last_saved_step = -1
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: Any) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saved_step = trainer.global_step
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if (
+            self.save_last
+            and self._last_saved_step != trainer.global_step
+            and trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
+            and not trainer.fast_dev_run
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)

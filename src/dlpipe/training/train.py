@@ -129,7 +129,11 @@ def _train_tracked(
 ) -> TrainResult:
     run_id = tracker.run_id
     assert run_id is not None
-    runner = DistributedTrainer(cfg, tracker, callbacks, Path(cfg.training.checkpoint_dir) / run_id)
+    # A resumed run keeps writing beside its checkpoint, so top-k and `last` stay continuous.
+    checkpoint_dir = (
+        resume_path.parent if resume_path else Path(cfg.training.checkpoint_dir) / run_id
+    )
+    runner = DistributedTrainer(cfg, tracker, callbacks, checkpoint_dir)
     if resume_path is not None:
         runner.load_checkpoint(resume_path)
     outcome = runner.train(model, datamodule)
