@@ -143,6 +143,7 @@ class ClassifierDataModule(L.LightningDataModule):
             collate_fn=collate,
             generator=torch.Generator().manual_seed(seed),  # worker seeds for augmentation
             persistent_workers=workers > 0,
+            pin_memory=self.cfg.training.num_gpus > 0,  # faster host-to-GPU copies
         )
 
     def _load_splits(self) -> dict[str, SampleDataset]:
