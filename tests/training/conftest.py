@@ -25,8 +25,8 @@ FASHION_CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 
 
 @pytest.fixture
-def tiny_config(tmp_path: Path) -> Callable[..., PipelineConfig]:
-    """`tiny_config("training.num_epochs=2", ...)`: Fashion-MNIST, 256 training samples."""
+def fmnist_config(tmp_path: Path) -> Callable[..., PipelineConfig]:
+    """`fmnist_config("training.num_epochs=2", ...)`: Fashion-MNIST, 256 training samples."""
 
     def make(*overrides: str) -> PipelineConfig:
         base = [
@@ -79,7 +79,7 @@ def tiny_model(
     )
 
 
-def tiny_config(checkpoint_dir: Path, *overrides: str) -> PipelineConfig:
+def small_config(checkpoint_dir: Path, *overrides: str) -> PipelineConfig:
     """Default config, quiet, checkpoints under `checkpoint_dir`."""
     return load_config(
         None,
@@ -95,4 +95,4 @@ def tiny_config(checkpoint_dir: Path, *overrides: str) -> PipelineConfig:
 @pytest.fixture(scope="session")
 def tiny() -> SimpleNamespace:
     """Helpers for cheap property examples: `tiny.datamodule`, `tiny.model`, `tiny.config`."""
-    return SimpleNamespace(datamodule=tiny_datamodule, model=tiny_model, config=tiny_config)
+    return SimpleNamespace(datamodule=tiny_datamodule, model=tiny_model, config=small_config)

@@ -43,9 +43,9 @@ RESUME_OVERRIDES = (
 
 @pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights(
-    tiny_config: Callable[..., PipelineConfig], tmp_mlflow_uri: str
+    fmnist_config: Callable[..., PipelineConfig], tmp_mlflow_uri: str
 ) -> None:
-    cfg = tiny_config(*RESUME_OVERRIDES)
+    cfg = fmnist_config(*RESUME_OVERRIDES)
     ckpt_root = Path(cfg.training.checkpoint_dir)
     full = train(cfg)
     stopped = train(cfg, callbacks=[StopAfterEpoch(1)])
@@ -66,9 +66,9 @@ def test_resumed_run_ends_with_the_same_weights(
 
 
 def test_corrupted_checkpoint_falls_back_to_previous_good_one(
-    tiny_config: Callable[..., PipelineConfig], tmp_mlflow_uri: str
+    fmnist_config: Callable[..., PipelineConfig], tmp_mlflow_uri: str
 ) -> None:
-    cfg = tiny_config(
+    cfg = fmnist_config(
         "training.num_epochs=2", "training.save_top_k=2", "tracking.register_model=false"
     )
     result = train(cfg)

@@ -135,7 +135,7 @@ class VerifiedModelCheckpoint(ModelCheckpoint):
             and self._last_saved_step != trainer.global_step
             and trainer.state.fn == TrainerFn.FITTING
             and not trainer.sanity_checking
-            and not trainer.fast_dev_run
+            and not getattr(trainer, "fast_dev_run", False)
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
