@@ -72,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as done:  # -h / --help
         return int(done.code or 0)
-    _quiet_mlflow()
     from mlflow.exceptions import MlflowException
 
     from dlpipe.tracking.registry import ModelRegistry
+
+    _quiet_mlflow()  # after importing mlflow, which sets its own log levels
 
     try:
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
