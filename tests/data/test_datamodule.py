@@ -274,5 +274,9 @@ def test_source_and_task_must_agree(fake_fashion_dir: Path) -> None:
     cfg = text_cfg(None)
     cfg.data.source = "fashion_mnist"
     cfg.data.path = str(fake_fashion_dir)
-    with pytest.raises(ValueError, match="needs task_type image_classification"):
+    with pytest.raises(ValueError, match=r"'fashion_mnist' does not fit preprocessing\.task_type"):
         build_datamodule(cfg).setup()
+    images = folder_cfg(fake_fashion_dir)
+    images.data.source = "rotten_tomatoes"
+    with pytest.raises(ValueError, match="'rotten_tomatoes' does not fit"):
+        build_datamodule(images).setup()

@@ -32,6 +32,8 @@ from dlpipe.data.datasets import (
 )
 from dlpipe.data.preprocessing import DataPreprocessor
 
+TEXT_SOURCES = ("rotten_tomatoes", "text_file")
+
 
 class EpochShuffleSampler(RandomSampler):
     """A RandomSampler whose order depends only on (seed, epoch).
@@ -148,6 +150,11 @@ class ClassifierDataModule(L.LightningDataModule):
 
     def _load_splits(self) -> dict[str, SampleDataset]:
         data = self.cfg.data
+        task = self.cfg.preprocessing.task_type
+        if (data.source in TEXT_SOURCES) != (task == "text_classification"):
+            raise ValueError(
+                f"data.source {data.source!r} does not fit preprocessing.task_type {task!r}"
+            )
         rng = np.random.default_rng(data.seed)
         if data.source == "fashion_mnist":
             arrays = sources.load_fashion_mnist(data.path)
@@ -203,14 +210,7 @@ class ClassifierDataModule(L.LightningDataModule):
         )
 
     def _dataset_for(self, samples: sources.LabeledSamples) -> SampleDataset:
-        task = self.cfg.preprocessing.task_type
-        text_source = self.cfg.data.source in ("rotten_tomatoes", "text_file")
-        if text_source != (task == "text_classification"):
-            source = self.cfg.data.source
-            raise ValueError(
-                f"data.source {source!r} does not fit preprocessing.task_type {task!r}"
-            )
-        if text_source:
+        if self.cfg.data.source in TEXT_SOURCES:
             return TextDataset(samples.samples, samples.labels)
         if samples.samples and isinstance(samples.samples[0], np.ndarray):
             return ArrayImageDataset(np.stack(samples.samples), samples.labels)
@@ -218,8 +218,6 @@ class ClassifierDataModule(L.LightningDataModule):
 
     def _prepare_array(self, images: np.ndarray) -> np.ndarray:
         """uint8 N×H×W(×C) → N×H×W×C at the configured size and channels (same code as serving)."""
-        if self.preprocessor.is_text:
-            raise ValueError("data.source 'fashion_mnist' needs task_type image_classification")
         pre = self.preprocessor
         stacked = images[..., None] if images.ndim == 3 else images
         if stacked.shape[1:] == (pre.height, pre.width, pre.channels):
