@@ -64,9 +64,14 @@ def test_environment_overrides_defaults(
         assert configured[field] == expected, field
 
 
-def test_settings_can_be_swapped_with_dependency_overrides() -> None:
-    app = create_app(ServeSettings(package="/nonexistent", top_k=2))
-    assert app.dependency_overrides[get_settings]().top_k == 2
+def test_explicit_settings_win_over_the_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("DLPIPE_TOP_K", "7")
+    get_settings.cache_clear()
+    try:
+        assert create_app().state.settings.top_k == 7
+        assert create_app(ServeSettings(package="/nonexistent", top_k=2)).state.settings.top_k == 2
+    finally:
+        get_settings.cache_clear()
 
 
 def test_bad_environment_value_names_the_setting(clean_env: pytest.MonkeyPatch) -> None:

@@ -132,7 +132,8 @@ def create_app(
     app.state.collector = collector
     app.state.auth = ApiKeyAuth(settings.api_keys)
     app.state.rate_limit = RateLimit(settings.rate_limit)
-    app.dependency_overrides[get_settings] = lambda: settings
+    # No dependency_overrides here: FastAPI re-analyses every dependency of every request
+    # while any override is set (several times the cost of our whole request path).
     _install_error_handlers(app, collector)
     for module in (predict, health, metrics, models, v2):
         app.include_router(module.router)

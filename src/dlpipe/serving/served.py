@@ -81,7 +81,23 @@ class ServedModel:
         if settings.warmup:
             sizes = sorted({1, min(8, settings.max_batch_size), settings.max_batch_size})
             engine.warmup(tuple(sizes))
+            served.warm_decoder()
         return served
+
+    def warm_decoder(self) -> None:
+        """Push one synthetic input through decoding so lazy imports happen before /ready."""
+        if self.preprocessing.task_type == "text_classification":
+            self.decoder.text("warm up")
+            return
+        import io
+
+        from PIL import Image
+
+        h, w = self.preprocessing.image_size or (28, 28)
+        for fmt in ("PNG", "JPEG"):
+            buf = io.BytesIO()
+            Image.new("RGB", (w, h)).save(buf, format=fmt)
+            self.decoder.image(buf.getvalue(), "warmup")
 
     # ---------------------------------------------------------------- batching
     def _run_batch(self, samples: list[Sample]) -> list[np.ndarray]:

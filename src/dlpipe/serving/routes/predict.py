@@ -6,11 +6,18 @@ import json
 import time
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from dlpipe.serving.deps import CallerDep, ManagerDep, RequestKeyHeader, VersionHeader
+from dlpipe.serving.deps import (
+    AUTH_PARAMETERS,
+    ROUTING_PARAMETERS,
+    caller_of,
+    manager_of,
+    routing_of,
+)
 from dlpipe.serving.dispatch import infer
 from dlpipe.serving.errors import InvalidRequest, ServingError
 from dlpipe.serving.inputs import Sample
@@ -33,6 +40,7 @@ def _body_doc(field: str, many: bool) -> dict[str, Any]:
         text_schema = {"type": "array", "items": text_schema}
     text_field = "texts" if many else "text"
     return {
+        "parameters": ROUTING_PARAMETERS + AUTH_PARAMETERS,
         "requestBody": {
             "required": True,
             "content": {
@@ -51,7 +59,7 @@ def _body_doc(field: str, many: bool) -> dict[str, Any]:
                     }
                 },
             },
-        }
+        },
     }
 
 
@@ -127,6 +135,8 @@ def _decoder(kind: str, payloads: list[Any], names: list[str]) -> Any:
 
 
 def _response(request: Request, served: ServedModel, predictions: Any) -> dict[str, Any]:
+    # Returned as a JSONResponse: FastAPI's response validation and jsonable_encoder would
+    # walk every prediction again.
     started = getattr(request.state, "started", time.perf_counter())
     return {
         "predictions": predictions,
@@ -138,39 +148,27 @@ def _response(request: Request, served: ServedModel, predictions: Any) -> dict[s
 
 
 @router.post("/predict", openapi_extra=_body_doc("file", many=False))
-async def predict(
-    request: Request,
-    manager: ManagerDep,
-    _caller: CallerDep,
-    x_model_version: VersionHeader = None,
-    x_request_key: RequestKeyHeader = None,
-    version: str | None = Query(None, description="serve exactly this version"),
-) -> dict[str, Any]:
+async def predict(request: Request) -> JSONResponse:
     """Classify one uploaded image (`file`) or one text (`{"text": ...}`): top-k labels."""
+    manager = manager_of(request)
+    caller_of(request)
     kind, payloads, names = await _read_payload(request, "file", "text", 1)
-    served, logits = await infer(
-        request, manager, x_model_version or version, x_request_key, _decoder(kind, payloads, names)
-    )
+    decoder = _decoder(kind, payloads, names)
+    served, logits = await infer(request, manager, *routing_of(request), decoder)
     k = request.app.state.settings.top_k
-    return _response(request, served, served.top_k(logits[0], k))
+    return JSONResponse(_response(request, served, served.top_k(logits[0], k)))
 
 
 @router.post("/predict/batch", openapi_extra=_body_doc("files", many=True))
-async def predict_batch(
-    request: Request,
-    manager: ManagerDep,
-    _caller: CallerDep,
-    x_model_version: VersionHeader = None,
-    x_request_key: RequestKeyHeader = None,
-    version: str | None = Query(None, description="serve exactly this version"),
-) -> dict[str, Any]:
+async def predict_batch(request: Request) -> JSONResponse:
     """Classify many uploaded images (`files`) or texts (`{"texts": [...]}`), in order."""
+    manager = manager_of(request)
+    caller_of(request)
     limit = request.app.state.settings.max_batch_items
     kind, payloads, names = await _read_payload(request, "files", "texts", limit)
-    served, logits = await infer(
-        request, manager, x_model_version or version, x_request_key, _decoder(kind, payloads, names)
-    )
+    decoder = _decoder(kind, payloads, names)
+    served, logits = await infer(request, manager, *routing_of(request), decoder)
     k = request.app.state.settings.top_k
     body = _response(request, served, [served.top_k(row, k) for row in logits])
     body["inputs"] = names
-    return body
+    return JSONResponse(body)

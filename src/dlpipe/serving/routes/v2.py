@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from dlpipe import __version__
-from dlpipe.serving.deps import CallerDep, ManagerDep, RequestKeyHeader
+from dlpipe.serving.deps import AUTH_PARAMETERS, CallerDep, ManagerDep, RoutingDep
 from dlpipe.serving.dispatch import infer
 from dlpipe.serving.engine import ShapeMismatchError
 from dlpipe.serving.errors import InvalidRequest, NotFound
@@ -154,16 +154,17 @@ async def model_ready(name: str, manager: ManagerDep) -> dict[str, Any]:
     return {"name": name, "ready": True}
 
 
-@router.post("/models/{name}/infer")
+@router.post("/models/{name}/infer", openapi_extra={"parameters": AUTH_PARAMETERS})
 async def infer_default(
-    name: str, request: Request, manager: ManagerDep, _caller: CallerDep,
-    x_request_key: RequestKeyHeader = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Inference on the version routing picks (champion or A/B)."""
-    return await _infer(request, manager, name, None, x_request_key)
+    name: str, request: Request, manager: ManagerDep, _caller: CallerDep, routing: RoutingDep
+) -> dict[str, Any]:
+    """Inference on the version routing picks (champion or A/B, or X-Model-Version)."""
+    return await _infer(request, manager, name, *routing)
 
 
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post(
+    "/models/{name}/versions/{version}/infer", openapi_extra={"parameters": AUTH_PARAMETERS}
+)
 async def infer_version(
     name: str, version: str, request: Request, manager: ManagerDep, _caller: CallerDep
 ) -> dict[str, Any]:

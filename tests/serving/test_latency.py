@@ -1,0 +1,71 @@
+"""Property 13 on a real `dlpipe serve` process, measured by a client over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serving_helpers import ServerProcess, png_bytes
+
+
+@pytest.fixture(scope="module")
+def server(cnn_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("latency") / "server.log"
+    proc = ServerProcess(
+        ["--package", str(cnn_package), "--model", "fashion"],
+        {"DLPIPE_ACCESS_LOG": "false", "DLPIPE_MAX_WAIT_MS": "2"},
+        log,
+    )
+    try:
+        proc.wait_ready()
+        warm = png_bytes(np.zeros((28, 28), np.uint8))
+        asyncio.run(_load(proc.url, [warm] * 16, 4))  # first connections, first requests
+        yield proc.url
+    finally:
+        proc.stop()
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, int(np.ceil(0.95 * len(ordered))) - 1)]
+
+
+async def _load(url: str, bodies: list[bytes], concurrency: int) -> list[float]:
+    latencies: list[float] = []
+    queue = list(bodies)
+    async with httpx.AsyncClient(base_url=url, timeout=10.0) as client:
+        await client.get("/health")  # open the keep-alive connection outside the measurement
+
+        async def worker() -> None:
+            while queue:
+                body = queue.pop()
+                t = time.perf_counter()
+                r = await client.post("/predict", files={"file": ("x.png", body, "image/png")})
+                latencies.append((time.perf_counter() - t) * 1000.0)
+                assert r.status_code == 200, r.text
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+# Feature: deep-learning-pipeline, Property 13: Inference latency requirement
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seeds=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=24),
+    concurrency=st.integers(1, 8),
+)
+def test_p95_latency_under_50ms(server: str, seeds: list[int], concurrency: int) -> None:
+    bodies = [
+        png_bytes(np.random.default_rng(s).integers(0, 256, (28, 28), dtype=np.uint8))
+        for s in seeds
+    ]
+    latencies = asyncio.run(_load(server, bodies, concurrency))
+    assert len(latencies) == len(bodies)
+    assert _p95(latencies) < 50.0, sorted(latencies)[-5:]
