@@ -302,10 +302,16 @@ def test_bad_config_files_are_reported(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="invalid preprocessing config"):
         DataPreprocessor.from_file(wrong)
     # A failed load leaves the preprocessor as it was.
+    no_tokenizer = tmp_path / "text.json"
+    no_tokenizer.write_text(text_config(tokenizer_name=str(tmp_path / "gone")).model_dump_json())
     pre = DataPreprocessor(PreprocessingConfig())
-    with pytest.raises(ValueError):
-        pre.load_config(wrong)
-    assert pre.config == PreprocessingConfig()
+    image = np.zeros((28, 28), np.uint8)
+    before = pre.preprocess_inference(image)
+    for bad in (wrong, no_tokenizer):
+        with pytest.raises(ValueError):
+            pre.load_config(bad)
+        assert pre.config == PreprocessingConfig()
+        assert torch.equal(pre.preprocess_inference(image), before)  # type: ignore[arg-type]
 
 
 def test_package_preprocessing_json_loads(tmp_path: Path) -> None:

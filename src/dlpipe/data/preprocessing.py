@@ -154,8 +154,13 @@ class DataPreprocessor:
         Path(path).write_text(self.config.model_dump_json(indent=2))
 
     def load_config(self, path: str | Path) -> None:
-        """Replace this preprocessor's configuration with the JSON file at `path`."""
-        self._apply(_read_config(path))
+        """Replace this preprocessor's configuration with the JSON file at `path`.
+
+        The new transforms are built first: on any error this preprocessor stays as it was.
+        """
+        fresh = type(self)(_read_config(path))
+        self.__dict__.clear()
+        self.__dict__.update(fresh.__dict__)
 
     @classmethod
     def from_file(cls, path: str | Path) -> DataPreprocessor:
