@@ -1,0 +1,48 @@
+"""Model optimization (design section 4): ONNX export with parity, INT8/FP16, pruning, TensorRT,
+the accuracy gate, and registered variants. See `ModelOptimizer` and `optimize_registered`."""
+
+from dlpipe.optimize.accuracy import (
+    AccuracyDegradationError,
+    AccuracyReport,
+    check_accuracy_gate,
+    evaluate_accuracy,
+    validate_accuracy,
+)
+from dlpipe.optimize.onnx_export import ExportError, ExportResult, ParityError, export_onnx
+from dlpipe.optimize.optimizer import ModelOptimizer
+from dlpipe.optimize.precision import precision_violations, weight_dtypes
+from dlpipe.optimize.prune import PruneReport, prune_model
+from dlpipe.optimize.quantize import (
+    QuantizationError,
+    convert_fp16,
+    quantize_int8_dynamic,
+    quantize_int8_static,
+)
+from dlpipe.optimize.registered import OptimizationReport, VariantResult, optimize_registered
+from dlpipe.optimize.tensorrt import TensorRTResult, build_tensorrt_engine
+
+__all__ = [
+    "AccuracyDegradationError",
+    "AccuracyReport",
+    "ExportError",
+    "ExportResult",
+    "ModelOptimizer",
+    "OptimizationReport",
+    "ParityError",
+    "PruneReport",
+    "QuantizationError",
+    "TensorRTResult",
+    "VariantResult",
+    "build_tensorrt_engine",
+    "check_accuracy_gate",
+    "convert_fp16",
+    "evaluate_accuracy",
+    "export_onnx",
+    "optimize_registered",
+    "precision_violations",
+    "prune_model",
+    "quantize_int8_dynamic",
+    "quantize_int8_static",
+    "validate_accuracy",
+    "weight_dtypes",
+]

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -163,7 +163,7 @@ def run_onnx(session: object, names: Sequence[str], args: Sequence[torch.Tensor]
     return np.asarray(session.run(None, feeds)[0])  # type: ignore[attr-defined]
 
 
-def make_session(path: str | Path, threads: int | None = None) -> object:
+def make_session(path: str | Path, threads: int | None = None) -> Any:
     """A CPU ONNX Runtime session with every graph optimization on."""
     import onnxruntime as ort
 

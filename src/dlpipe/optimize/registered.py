@@ -1,0 +1,273 @@
+"""Optimize a registered model version into gated, registered variants.
+
+    report = optimize_registered("fashion_mnist_cnn", "champion", ["onnx", "int8", "fp16"])
+
+Each target is built from the parent's PyTorch weights, evaluated on the real held-out test
+split (`dlpipe.data.build_datamodule` on the package's config.yaml), timed at batch 1, and
+registered as a new version naming its parent only when its accuracy drop is within
+`max_accuracy_drop`. A failed export or quantization is reported per target; the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlpipe.optimize.accuracy import (
+    AccuracyDegradationError,
+    check_accuracy_gate,
+    predictions,
+    validate_accuracy,
+)
+from dlpipe.optimize.latency import LatencyStats, measure_latency
+from dlpipe.optimize.onnx_export import ExportError, export_registered
+from dlpipe.optimize.optimizer import ModelOptimizer
+from dlpipe.optimize.quantize import QuantizationError, onnx_size_mb
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("onnx", "int8", "fp16", "pruned", "tensorrt")
+PRECISION = {"onnx": "fp32", "int8": "int8", "fp16": "fp16", "pruned": "fp32", "tensorrt": "fp16"}
+
+
+@dataclass
+class VariantResult:
+    """One target's outcome: `kept` (registered), `refused` (gate), `skipped` or `failed`."""
+
+    target: str
+    status: str
+    precision: str
+    size_mb: float | None = None
+    accuracy: float | None = None
+    drop: float | None = None
+    latency: LatencyStats | None = None
+    version: str | None = None
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["latency"] = self.latency.to_dict() if self.latency else None
+        return out
+
+
+@dataclass
+class OptimizationReport:
+    """The parent version, its baseline on the same test split, and every variant."""
+
+    model_name: str
+    parent_version: str
+    baseline_accuracy: float
+    baseline_size_mb: float
+    baseline_latency: LatencyStats | None
+    test_samples: int
+    variants: list[VariantResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["baseline_latency"] = self.baseline_latency.to_dict() if self.baseline_latency else None
+        out["variants"] = [v.to_dict() for v in self.variants]
+        return out
+
+
+def parse_targets(text: str | Sequence[str]) -> list[str]:
+    """`"onnx,int8"` or a list -> validated, de-duplicated target names."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    targets = [t.strip().lower() for t in items if t.strip()]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"unknown targets {unknown or targets}; allowed: {', '.join(TARGETS)}")
+    return list(dict.fromkeys(targets))
+
+
+def optimize_registered(
+    name: str,
+    version_or_alias: str | int | None,
+    targets: Sequence[str],
+    max_accuracy_drop: float = 0.01,
+    *,
+    registry: Any = None,
+    register: bool = True,
+    calibration_samples: int | None = None,
+    limit_eval_samples: int | None = None,
+    measure: bool = True,
+    work_dir: str | Path | None = None,
+) -> OptimizationReport:
+    """Build, gate, time and register each target variant of a registered version.
+
+    Args:
+        version_or_alias: a version number, an alias such as `champion`, or None (latest).
+        targets: subset of `TARGETS`.
+        max_accuracy_drop: largest allowed accuracy loss as a fraction (0.01 = 1 point).
+        registry: a `ModelRegistry` (default: one on MLFLOW_REGISTRY_URI).
+        register: False builds and gates without registering (a dry run).
+        calibration_samples: INT8 calibration size (default: the package's optimize config).
+        limit_eval_samples: cap the test split (quick runs).
+    """
+    from dlpipe.data import build_datamodule
+    from dlpipe.tracking.package import load_package_config, load_torch_model
+    from dlpipe.tracking.registry import ModelRegistry
+
+    chosen = parse_targets(targets)
+    if not 0.0 <= max_accuracy_drop <= 1.0:
+        raise ValueError(f"max_accuracy_drop must be within [0, 1], got {max_accuracy_drop}")
+    registry = registry or ModelRegistry()
+    package = Path(registry.get_model(name, version_or_alias))
+    parent = registry.get_metadata(name, version_or_alias)
+    cfg = load_package_config(package)
+    if limit_eval_samples:
+        cfg.data.limit_eval_samples = limit_eval_samples
+    net = load_torch_model(package)
+    datamodule = build_datamodule(cfg)
+    test_batches = list(datamodule.test_dataloader())
+    labels = np.concatenate([np.asarray(y) for _, y in test_batches])
+    original_pred = predictions(net, test_batches)
+    baseline = float((original_pred == labels).mean())
+
+    def inputs(batch: int) -> tuple[Any, ...]:
+        return optimizer.example_inputs(batch)
+
+    with tempfile.TemporaryDirectory(prefix="dlpipe-optimize-") as tmp:
+        work = Path(work_dir or tmp)
+        optimizer = ModelOptimizer(
+            net, model_name=cfg.model.name, preprocessing=cfg.preprocessing, work_dir=work,
+            opset=cfg.optimize.opset,
+        )  # fmt: skip
+        ctx = _Context(
+            name, parent, cfg, registry, register, max_accuracy_drop, test_batches,
+            original_pred, measure, inputs, work,
+        )  # fmt: skip
+        results = []
+        for target in chosen:
+            try:
+                results.append(
+                    _build_target(target, optimizer, ctx, datamodule, calibration_samples)
+                )
+            except (ExportError, QuantizationError) as err:
+                results.append(VariantResult(target, "failed", PRECISION[target], reason=str(err)))
+        baseline_latency = measure_latency(net, inputs) if measure else None
+    return OptimizationReport(
+        name, parent.version, baseline, parent.model_size_mb, baseline_latency,
+        int(labels.size), results,
+    )  # fmt: skip
+
+
+@dataclass
+class _Context:
+    name: str
+    parent: Any
+    cfg: Any
+    registry: Any
+    register: bool
+    max_drop: float
+    test_batches: list[Any]
+    original_pred: np.ndarray
+    measure: bool
+    inputs: Any
+    work: Path
+
+
+def _calibration(datamodule: Any, count: int, batch: int = 32) -> list[Any]:
+    raw = datamodule.calibration_samples(count)
+    pre = datamodule.preprocessor
+    return [pre.preprocess_inference_batch(raw[i : i + batch]) for i in range(0, len(raw), batch)]
+
+
+def _build_target(
+    target: str,
+    optimizer: ModelOptimizer,
+    ctx: _Context,
+    datamodule: Any,
+    calibration_samples: int | None,
+) -> VariantResult:
+    precision = PRECISION[target]
+    details: dict[str, Any] = {}
+    if target == "tensorrt":
+        source = optimizer.fp32_onnx()
+        trt = optimizer.optimize_tensorrt(source, ctx.work / "model.fp16.plan", "fp16")
+        if trt.skipped:
+            return VariantResult(target, "skipped", precision, reason=trt.reason)
+        # Built, but the accuracy gate needs a TensorRT runtime evaluator: report, not register.
+        size = round(Path(trt.engine_path or "").stat().st_size / 1e6, 4)
+        return VariantResult(
+            target, "skipped", precision, size_mb=size,
+            reason=f"engine built at {trt.engine_path}; not registered (no TensorRT accuracy gate)",
+        )  # fmt: skip
+    if target == "onnx":
+        path = optimizer.fp32_onnx()
+        assert optimizer.export_result is not None
+        details = {"max_abs_diff": optimizer.export_result.max_abs_diff,
+                   "exporter": optimizer.export_result.exporter}  # fmt: skip
+    elif target == "pruned":
+        path, details = _pruned_onnx(optimizer, ctx, datamodule)
+    else:
+        calib = None
+        if target == "int8" and not optimizer.is_text:
+            count = calibration_samples or ctx.cfg.optimize.calibration_samples
+            calib = _calibration(datamodule, count)
+        result = optimizer.quantize(precision, calibration_inputs=calib)
+        path, details = result.path, dict(result.settings)
+    report = validate_accuracy(None, path, ctx.test_batches, original_predictions=ctx.original_pred)
+    variant = VariantResult(
+        target, "kept", precision, size_mb=onnx_size_mb(path),
+        accuracy=report.optimized_accuracy, drop=report.drop, details=details,
+    )  # fmt: skip
+    variant.details["agreement"] = report.agreement
+    if ctx.measure:
+        variant.latency = measure_latency(path, ctx.inputs)
+    try:
+        check_accuracy_gate(report, ctx.max_drop)
+    except AccuracyDegradationError as err:
+        variant.status, variant.reason = "refused", str(err)
+        return variant
+    if ctx.register:
+        variant.version = _register(ctx, target, precision, path, variant)
+    return variant
+
+
+def _pruned_onnx(
+    optimizer: ModelOptimizer, ctx: _Context, datamodule: Any
+) -> tuple[Path, dict[str, Any]]:
+    opt_cfg = ctx.cfg.optimize
+    epochs = opt_cfg.prune_finetune_epochs
+    batches = datamodule.train_dataloader() if epochs else None
+    pruned, report = optimizer.prune(opt_cfg.prune_sparsity, opt_cfg.prune_method, batches, epochs)
+    path = ctx.work / "model.pruned.onnx"
+    assert optimizer.model_name and optimizer.preprocessing
+    export_registered(pruned, optimizer.model_name, optimizer.preprocessing, path, optimizer.opset)
+    return path, report.to_dict()
+
+
+def _register(ctx: _Context, target: str, precision: str, path: Path, v: VariantResult) -> str:
+    from dlpipe.tracking.metadata import ModelMetadata
+    from dlpipe.tracking.package import save_model_package
+
+    parent = ctx.parent
+    details = {"target": target, **v.details}
+    if v.latency is not None:
+        details.update(p95_ms=v.latency.p95_ms, throughput_per_s=v.latency.throughput_per_s)
+    meta = ModelMetadata(
+        model_name=ctx.name,
+        framework="onnx",
+        precision=precision,  # type: ignore[arg-type]
+        model_size_mb=v.size_mb or onnx_size_mb(path),
+        training_date=parent.training_date,
+        accuracy_metrics={
+            "test/acc": float(v.accuracy or 0.0),
+            "test/acc_drop": float(v.drop or 0.0),
+            "parent/test/acc": float((v.accuracy or 0.0) + (v.drop or 0.0)),
+        },
+        preprocessing_config=parent.preprocessing_config,
+        parent_version=parent.version,
+        latency_ms=v.latency.p50_ms if v.latency else None,
+        format_details=details,
+    )
+    package = save_model_package(ctx.work / f"package-{target}", ctx.cfg, meta, onnx_path=path)
+    return str(ctx.registry.register_model(package, meta))
