@@ -25,6 +25,7 @@ from dlpipe.tracking.ab import ABTestConfig
 from dlpipe.tracking.metadata import ModelMetadata
 from dlpipe.tracking.package import save_model_package
 from dlpipe.tracking.registry import ModelRegistry, RegistryError
+from dlpipe.tracking.routing_signal import RoutingSignal, signal_path_for
 
 
 def migrated_store(uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -91,6 +92,18 @@ def test_package_file_names_match_package_module() -> None:
         package_module.WEIGHTS_FILE,
         package_module.ONNX_FILE,
     )
+
+
+def test_routing_signal_is_shared_through_the_file_beside_the_store(tmp_path: Path) -> None:
+    assert signal_path_for(f"sqlite:///{tmp_path}/m.db") == tmp_path / "m.db.dlpipe-routing"
+    assert signal_path_for("sqlite:///:memory:") is None
+    assert signal_path_for("http://mlflow:5000") is None
+    writer, reader = RoutingSignal(tmp_path / "sig"), RoutingSignal(tmp_path / "sig")
+    first = reader.read()
+    assert writer.bump() and writer.bump()
+    assert reader.read() == first + 2
+    absent = RoutingSignal(None)
+    assert absent.read() == -1 and not absent.bump() and not absent.available
 
 
 def test_get_model_resolves_latest_numbers_and_aliases_and_caches(

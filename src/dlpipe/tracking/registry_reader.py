@@ -158,16 +158,28 @@ class RegistryReader:
 
     def routing_state(self, name: str) -> RoutingState:
         """Cached routing state; refetched when the routing signal moved or the TTL ran out."""
-        generation = self.signal.read()
-        now = time.monotonic()
+        state = self._cached_routing(name)
+        if state is not None:
+            return state
+        with self._lock:  # one refresh at a time; the others then find it cached
+            state = self._cached_routing(name)
+            if state is not None:
+                return state
+            # Read the generation and the clock BEFORE querying, so the entry is never
+            # fresher than the data in it.
+            generation = self.signal.read()
+            now = time.monotonic()
+            state = self._fetch_routing(name)
+            self._routing[name] = (generation, now, state)
+            return state
+
+    def _cached_routing(self, name: str) -> RoutingState | None:
         cached = self._routing.get(name)
-        if cached is not None and cached[0] == generation and now - cached[1] < self.routing_ttl_s:
-            return cached[2]
-        # Read the generation and the clock BEFORE querying, so the entry is never fresher
-        # than the data in it.
-        state = self._fetch_routing(name)
-        self._routing[name] = (generation, now, state)
-        return state
+        if cached is None or cached[0] != self.signal.read():
+            return None
+        if time.monotonic() - cached[1] >= self.routing_ttl_s:
+            return None
+        return cached[2]
 
     def _fetch_routing(self, name: str) -> RoutingState:
         model = self._registered_model(name)
