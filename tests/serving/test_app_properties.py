@@ -148,8 +148,12 @@ def test_invalid_input_gets_400_with_details_and_server_survives(
     what, files, body = case
     if files == "v2":
         c, h, w = body
-        tensor = {"name": "input", "shape": [1, c, h, w], "datatype": "FP32",
-                  "data": [0.0] * (c * h * w)}  # fmt: skip
+        tensor = {
+            "name": "input",
+            "shape": [1, c, h, w],
+            "datatype": "FP32",
+            "data": [0.0] * (c * h * w),
+        }
         r = client.post("/v2/models/fashion/infer", json={"inputs": [tensor]})
     elif files is not None:
         r = client.post("/predict", files=files)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import ServerProcess, make_biased_package, random_png
 
+from dlpipe.serving.loadgen import multipart_request, run_load
 from dlpipe.tracking.metadata import ModelMetadata
 from dlpipe.tracking.registry import ModelRegistry
-
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-from loadgen import multipart_request, run_load  # noqa: E402
 
 WINNER = {"1": 3, "2": 5}
 
@@ -72,13 +69,24 @@ def test_predict_headers_and_prometheus_text(
     families = {
         f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
     }
-    for name in ("dlpipe_request_latency_seconds", "dlpipe_batch_size", "dlpipe_queue_wait_seconds",
-                 "dlpipe_inference_seconds", "dlpipe_in_flight_requests", "dlpipe_model_info",
-                 "dlpipe_routed_requests", "dlpipe_up"):  # fmt: skip
+    for name in (
+        "dlpipe_request_latency_seconds",
+        "dlpipe_batch_size",
+        "dlpipe_queue_wait_seconds",
+        "dlpipe_inference_seconds",
+        "dlpipe_in_flight_requests",
+        "dlpipe_model_info",
+        "dlpipe_routed_requests",
+        "dlpipe_up",
+    ):
         assert name in families, name
     info = [s.labels for s in families["dlpipe_model_info"].samples]
-    assert {"model_name": "fashion", "model_version": "1", "framework": "onnx",
-            "precision": "fp32"} in info  # fmt: skip
+    assert {
+        "model_name": "fashion",
+        "model_version": "1",
+        "framework": "onnx",
+        "precision": "fp32",
+    } in info
     assert httpx.get(server.url + "/docs").status_code == 200
     assert "/v2/models/{name}/infer" in httpx.get(server.url + "/openapi.json").json()["paths"]
 
@@ -106,7 +114,7 @@ def test_promotion_and_rollback_under_load(
             "x.png",
             random_png(np.random.default_rng(i)),
             "image/png",
-        )  # fmt: skip
+        )
         for i in range(8)
     ]
     marks: dict[str, float] = {}

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from dlpipe.serving import ServeSettings, create_app, get_settings
 from dlpipe.serving.cli import main as serve_main
 
-key_text = st.text(alphabet=st.characters(min_codepoint=48, max_codepoint=122), min_size=1,
-                   max_size=12).filter(str.isalnum)  # fmt: skip
+key_text = st.text(
+    alphabet=st.characters(min_codepoint=48, max_codepoint=122), min_size=1, max_size=12
+).filter(str.isalnum)
 environment = st.fixed_dictionaries(
     {},
     optional={

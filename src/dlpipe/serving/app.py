@@ -142,5 +142,6 @@ def create_app(
         collector=collector,
         max_body_bytes=settings.max_upload_bytes,
         access_log=settings.access_log,
+        max_in_flight=settings.max_in_flight,
     )
     return app

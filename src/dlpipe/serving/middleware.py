@@ -32,12 +32,19 @@ class RequestContextMiddleware:
     """Wraps every HTTP request; see the module docstring."""
 
     def __init__(
-        self, app: ASGIApp, collector: MetricsCollector, max_body_bytes: int, access_log: bool
+        self,
+        app: ASGIApp,
+        collector: MetricsCollector,
+        max_body_bytes: int,
+        access_log: bool,
+        max_in_flight: int = 256,
     ) -> None:
         self.app = app
         self.collector = collector
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,9 +86,16 @@ class RequestContextMiddleware:
 
         token = request_id_var.set(request_id)
         self.collector.in_flight.inc()
+        self.in_flight += 1
         try:
             declared = _header(scope, b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
+            if self.in_flight > self.max_in_flight and scope["method"] == "POST":
+                # When the CPU is the bottleneck, requests queue in the event loop, not in
+                # the batcher: shed them here, before any parsing is spent on them.
+                message = f"server busy: {self.in_flight - 1} requests in flight; retry later"
+                self.collector.record_error("overloaded", message)
+                await self._send_error(send_with_id, 503, "overloaded", message, retry_after=True)
+            elif declared is not None and declared.isdigit() and int(declared) > limit:
                 err = PayloadTooLarge(
                     f"request body of {declared} bytes exceeds the {limit} byte limit"
                 )
@@ -95,6 +109,7 @@ class RequestContextMiddleware:
             if not response_started:
                 await self._send_error(send_with_id, 500, "internal", "internal server error")
         finally:
+            self.in_flight -= 1
             self.collector.in_flight.dec()
             latency_ms = (time.perf_counter() - started) * 1000.0
             route = scope.get("route")
@@ -117,17 +132,16 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
     @staticmethod
-    async def _send_error(send: Send, status: int, error_type: str, message: str) -> None:
+    async def _send_error(
+        send: Send, status: int, error_type: str, message: str, retry_after: bool = False
+    ) -> None:
         request_id = request_id_var.get() or ""
         body = json.dumps(error_body(error_type, message, request_id)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if retry_after:
+            headers.append((b"retry-after", b"1"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

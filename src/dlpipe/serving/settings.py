@@ -37,6 +37,8 @@ class ServeSettings(BaseSettings):
     """How long the first request of a batch waits for company."""
     queue_capacity: int = Field(512, ge=1)
     """Requests waiting per served version; beyond it the server answers 503."""
+    max_in_flight: int = Field(256, ge=1)
+    """Inference requests handled at once; beyond it 503 at once (the CPU is the queue)."""
     request_timeout_ms: float = Field(1000.0, gt=0.0)
     """Per-request deadline; a request not answered by then gets 504."""
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

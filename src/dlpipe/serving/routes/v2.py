@@ -23,10 +23,22 @@ from dlpipe.serving.served import ServedModel
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
-_DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64,
-              "INT32": np.int32, "UINT8": np.uint8}  # fmt: skip
-_NUMPY_TO_V2 = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64",
-                "int32": "INT32", "uint8": "UINT8"}  # fmt: skip
+_DATATYPES = {
+    "FP32": np.float32,
+    "FP16": np.float16,
+    "FP64": np.float64,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "UINT8": np.uint8,
+}
+_NUMPY_TO_V2 = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "float64": "FP64",
+    "int64": "INT64",
+    "int32": "INT32",
+    "uint8": "UINT8",
+}
 
 
 def _check_name(manager: ModelManager, name: str) -> None:

@@ -1,0 +1,241 @@
+"""A light closed-loop HTTP load generator (raw asyncio streams, keep-alive, pre-encoded bodies).
+
+    python -m dlpipe.serving.loadgen --url http://127.0.0.1:8000/predict --file a.png \
+        --clients 32 --duration 10
+
+Each client sends a request, waits for the whole response, records the latency, and sends the
+next one. Prints one JSON line: p50/p95/p99 latency (ms), throughput, status counts, and
+the `model_version` seen in responses (with the send time of each, for switch checks).
+The generator is kept light (no HTTP library per request) because on a small machine it
+shares the CPU with the server it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+_VERSION = re.compile(rb'"model_version":\s*"([^"]*)"')
+
+
+def multipart_request(
+    host: str,
+    port: int,
+    path: str,
+    field: str,
+    filename: str,
+    data: bytes,
+    ctype: str,
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """One complete HTTP/1.1 POST with a multipart body, encoded once and reused."""
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{filename}"\r\nContent-Type: {ctype}\r\n\r\n'
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    )
+    return head.encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+            break
+    body = await reader.readexactly(length) if length else b""
+    return status, body
+
+
+async def _client(
+    host: str,
+    port: int,
+    requests: list[bytes],
+    stop_at: float,
+    index: int,
+    results: list[tuple[float, float, int, str]],
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    i = index
+    try:
+        while time.perf_counter() < stop_at:
+            payload = requests[i % len(requests)]
+            i += 1
+            sent = time.perf_counter()
+            writer.write(payload)
+            try:
+                status, body = await _read_response(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                results.append((sent, time.perf_counter(), 599, ""))
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+                continue
+            m = _VERSION.search(body)
+            results.append((sent, time.perf_counter(), status, m.group(1).decode() if m else ""))
+    finally:
+        writer.close()
+
+
+def summarize(results: list[tuple[float, float, int, str]], duration: float) -> dict[str, Any]:
+    """Latency percentiles over successful requests, throughput, status and version counts."""
+    ok = sorted((end - start) * 1000.0 for start, end, status, _ in results if status == 200)
+
+    def pct(q: float) -> float | None:
+        if not ok:
+            return None
+        rank = math.ceil(q * len(ok))  # nearest rank
+        return round(ok[min(len(ok), max(1, rank)) - 1], 2)
+
+    statuses: dict[str, int] = {}
+    versions: dict[str, int] = {}
+    for _, _, status, version in results:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+        if version:
+            versions[version] = versions.get(version, 0) + 1
+    return {
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "throughput_rps": round(len(ok) / duration, 1),
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "statuses": statuses,
+        "versions": versions,
+    }
+
+
+async def run_load(
+    url: str, requests: list[bytes], clients: int, duration: float, warmup: float = 1.0
+) -> tuple[dict[str, Any], list[tuple[float, float, int, str]]]:
+    """Closed loop: `clients` connections for `warmup + duration` s; stats over `duration`."""
+    m = re.match(r"http://([^:/]+):(\d+)", url)
+    if not m:
+        raise ValueError(f"url must look like http://host:port/..., got {url!r}")
+    host, port = m.group(1), int(m.group(2))
+    results: list[tuple[float, float, int, str]] = []
+    start = time.perf_counter()
+    stop_at = start + warmup + duration
+    await asyncio.gather(
+        *(_client(host, port, requests, stop_at, i, results) for i in range(clients))
+    )
+    measured = [r for r in results if r[0] >= start + warmup]
+    return summarize(measured, duration), measured
+
+
+async def _one(
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+    host: str,
+    port: int,
+    payload: bytes,
+    sent: float,
+    results: list[tuple[float, float, int, str]],
+) -> None:
+    reader, writer = (
+        pool.get_nowait() if not pool.empty() else await asyncio.open_connection(host, port)
+    )
+    writer.write(payload)
+    try:
+        status, body = await _read_response(reader)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        results.append((sent, time.perf_counter(), 599, ""))
+        writer.close()
+        return
+    m = _VERSION.search(body)
+    results.append((sent, time.perf_counter(), status, m.group(1).decode() if m else ""))
+    pool.put_nowait((reader, writer))
+
+
+async def run_open_loop(
+    url: str, requests: list[bytes], rate: float, duration: float
+) -> tuple[dict[str, Any], list[tuple[float, float, int, str]]]:
+    """Open loop: requests arrive at `rate` per second whatever the server does (overload)."""
+    m = re.match(r"http://([^:/]+):(\d+)", url)
+    if not m:
+        raise ValueError(f"bad url {url!r}")
+    host, port = m.group(1), int(m.group(2))
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    results: list[tuple[float, float, int, str]] = []
+    tasks = []
+    start = time.perf_counter()
+    for i in range(int(rate * duration)):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent = time.perf_counter()
+        payload = requests[i % len(requests)]
+        tasks.append(asyncio.ensure_future(_one(pool, host, port, payload, sent, results)))
+    await asyncio.gather(*tasks)
+    while not pool.empty():
+        pool.get_nowait()[1].close()
+    summary = summarize(results, duration)
+    shed = sorted((e - s) * 1000.0 for s, e, st, _ in results if st == 503)
+    summary["offered_rps"] = rate
+    summary["p95_503_ms"] = (
+        round(shed[max(0, math.ceil(0.95 * len(shed)) - 1)], 2) if shed else None
+    )
+    return summary, results
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", required=True, help="http://host:port/path")
+    p.add_argument("--file", action="append", required=True, help="image file(s) to upload")
+    p.add_argument("--field", default="file")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--header", action="append", default=[], help="Name: value")
+    p.add_argument("--rate", type=float, help="open loop: requests per second (ignores --clients)")
+    p.add_argument("--timeline", help="write (sent, done, status, version) rows here as JSON")
+    args = p.parse_args(argv)
+    m = re.match(r"http://([^:/]+):(\d+)(/.*)", args.url)
+    if not m:
+        print(f"bad --url {args.url!r}", file=sys.stderr)
+        return 2
+    host, port, path = m.group(1), int(m.group(2)), m.group(3)
+    headers = dict(h.split(": ", 1) for h in args.header)
+    requests = []
+    for f in args.file:
+        data = Path(f).read_bytes()
+        ctype = "image/png" if f.endswith(".png") else "image/jpeg"
+        requests.append(
+            multipart_request(host, port, path, args.field, Path(f).name, data, ctype, headers)
+        )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    summary, rows = asyncio.run(
+        run_load(args.url, requests, args.clients, args.duration, args.warmup)
+    )
+    if args.timeline:
+        Path(args.timeline).write_text(json.dumps(rows))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
