@@ -26,9 +26,9 @@ from dlpipe.tracking.experiment import ExperimentTracker
 from dlpipe.tracking.metadata import ModelMetadata, utc_now
 from dlpipe.tracking.package import save_model_package
 from dlpipe.training.artifacts import save_confusion_matrix_png, save_model_summary
-from dlpipe.training.checkpoint import resolve_checkpoint
+from dlpipe.training.checkpoint import config_from_checkpoint, resolve_checkpoint
 from dlpipe.training.module import LightningModel
-from dlpipe.training.trainer import DistributedTrainer
+from dlpipe.training.trainer import DistributedTrainer, TrainingError
 
 
 @dataclass
@@ -83,6 +83,38 @@ def register_package(tracker: ExperimentTracker, package_dir: Path, metadata: Mo
     return registry.register_model(package_dir, metadata, run_id=tracker.run_id)
 
 
+# Fields that size the LR schedule and the step count: a resume must keep them.
+PLAN_FIELDS = (
+    "num_epochs",
+    "max_steps",
+    "batch_size",
+    "accumulate_grad_batches",
+    "scheduler",
+    "num_processes",
+    "strategy",
+    "limit_train_batches",
+)
+
+
+def check_resume_plan(cfg: PipelineConfig, checkpoint: Path) -> None:
+    """Refuse a resume whose schedule-defining settings differ from the checkpoint's run."""
+    contents = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    stored = config_from_checkpoint(contents)
+    if stored is None:
+        return
+    before = stored.get("training", {})
+    changed = [
+        f"training.{key}={before.get(key)!r} -> {getattr(cfg.training, key)!r}"
+        for key in PLAN_FIELDS
+        if key in before and before[key] != getattr(cfg.training, key)
+    ]
+    if changed:
+        raise TrainingError(
+            f"cannot resume {checkpoint} with a different training plan ({'; '.join(changed)}); "
+            "keep these settings, or start a new run with model.weights_path set to the checkpoint"
+        )
+
+
 def train(
     cfg: PipelineConfig,
     resume_from: str | None = None,
@@ -100,6 +132,8 @@ def train(
         datamodule: use this instead of `dlpipe.data.build_datamodule(cfg)`.
     """
     resume_path = resolve_checkpoint(resume_from) if resume_from else None
+    if resume_path is not None:
+        check_resume_plan(cfg, resume_path)
     pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
     if datamodule is None:
         from dlpipe.data import build_datamodule
