@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -63,6 +64,8 @@ def render_table(report: OptimizationReport) -> None:
             result = f"registered v{v.version}" if v.version else "passed (not registered)"
         elif v.status == "refused":
             result = f"refused: dropped {(v.drop or 0) * 100:.1f} points"
+        elif v.status == "skipped":
+            result = v.reason
         else:
             result = f"{v.status}: {v.reason}"
         table.add_row(
@@ -79,6 +82,7 @@ def render_table(report: OptimizationReport) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `dlpipe optimize`; returns the exit status."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         name, version = parse_model_ref(args.model)
         targets = parse_targets(args.targets)
