@@ -51,10 +51,14 @@ text_preprocessing = st.builds(
 
 
 @st.composite
-def metadata_strategy(draw: st.DrawFn, model_name: str | None = None) -> ModelMetadata:
+def metadata_strategy(
+    draw: st.DrawFn,
+    model_name: str | None = None,
+    names: tuple[str, ...] | list[str] = ("alpha", "beta-2", "gamma.v1"),
+) -> ModelMetadata:
     """Any complete metadata, optional fields included."""
     return ModelMetadata(
-        model_name=model_name or draw(st.sampled_from(["alpha", "beta-2", "gamma.v1"])),
+        model_name=model_name or draw(st.sampled_from(names)),
         framework=draw(st.sampled_from(["pytorch", "onnx", "tensorrt"])),
         precision=draw(st.sampled_from(["fp32", "fp16", "int8"])),
         model_size_mb=draw(st.floats(1e-4, 1e4)),
@@ -135,11 +139,11 @@ def test_completed_run_is_registered_with_unique_version_and_metadata(
     client.log_metric(run.info.run_id, "val/acc", 0.9)
     client.set_terminated(run.info.run_id)
     meta.source_run_id = run.info.run_id
-    before = {r["version"] for r in _versions_or_empty(registry, meta.model_name)}
+    newest_before = _latest_version(registry, meta.model_name)
 
     version = registry.register_model(package, meta, run_id=run.info.run_id)
 
-    assert version not in before and meta.version == version
+    assert int(version) > newest_before and meta.version == version  # never seen before
     mv = client.get_model_version(meta.model_name, version)
     assert mv.run_id == run.info.run_id
     assert mv.source.startswith(run.info.artifact_uri)
@@ -158,20 +162,34 @@ def test_completed_run_is_registered_with_unique_version_and_metadata(
 def test_version_identifiers_never_collide(
     registry: ModelRegistry, package: Path, names: list[str], data: st.DataObject
 ) -> None:
-    seen: dict[str, set[str]] = {n: _version_set(registry, n) for n in set(names)}
+    for name in set(names):  # every version of the name ever seen, with the run it came from
+        if name not in _SEEN:
+            _SEEN[name] = {r["version"]: r["run_id"] for r in _versions_or_empty(registry, name)}
+    registered = []
     for name in names:
         meta = data.draw(metadata_strategy(model_name=name))
         version = registry.register_model(package, meta)
-        assert version not in seen[name], f"{name} version {version} assigned twice"
-        seen[name].add(version)
+        assert version not in _SEEN[name], f"{name} version {version} assigned twice"
+        _SEEN[name][version] = str(meta.source_run_id)
+        registered.append((name, version, meta))
+    # Each identifier still leads to its own upload and metadata: nothing was overwritten.
+    for name, version, meta in registered:
+        mv = registry.client.get_model_version(name, version)
+        assert mv.run_id == meta.source_run_id
         assert registry.get_metadata(name, version).training_date == meta.training_date
-    for name, versions in seen.items():
-        assert _version_set(registry, name) == versions
+    runs = [run for versions in _SEEN.values() for run in versions.values()]
+    assert len(runs) == len(set(runs))
+
+
+_SEEN: dict[str, dict[str, str]] = {}
 
 
 # Feature: deep-learning-pipeline, Property 24: Model metadata completeness
 @SETTINGS
-@given(meta=metadata_strategy(), drop=st.sampled_from(REQUIRED_FIELDS))
+@given(
+    meta=metadata_strategy(model_name=None, names=["meta-a", "meta-b", "meta-c", "meta-d"]),
+    drop=st.sampled_from(REQUIRED_FIELDS),
+)
 def test_registered_versions_store_complete_metadata(
     registry: ModelRegistry, package: Path, meta: ModelMetadata, drop: str
 ) -> None:
@@ -179,10 +197,10 @@ def test_registered_versions_store_complete_metadata(
     incomplete: dict[str, Any] = meta.to_dict()
     incomplete.pop("version")
     incomplete[drop] = None
-    count = len(_versions_or_empty(registry, meta.model_name))
+    newest = _latest_version(registry, meta.model_name)
     with pytest.raises(RegistryError, match=drop):
         registry.register_model(package, incomplete)
-    assert len(_versions_or_empty(registry, meta.model_name)) == count
+    assert _latest_version(registry, meta.model_name) == newest
 
     version = registry.register_model(package, meta)
     _assert_stored(registry, meta, version)
@@ -237,5 +255,9 @@ def _versions_or_empty(registry: ModelRegistry, name: str) -> list[dict[str, Any
         return []
 
 
-def _version_set(registry: ModelRegistry, name: str) -> set[str]:
-    return {r["version"] for r in _versions_or_empty(registry, name)}
+def _latest_version(registry: ModelRegistry, name: str) -> int:
+    """Highest version number of `name` (0 when there is none), in one small query."""
+    found = registry.client.search_model_versions(
+        f"name='{name}'", max_results=1, order_by=["version_number DESC"]
+    )
+    return int(found[0].version) if found else 0
