@@ -40,6 +40,7 @@ def registered(module_mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory)
         [
             "data.limit_train_samples=2048",
             "data.limit_eval_samples=400",
+            "training.batch_size=32",
             "optimize.calibration_samples=64",
             # A variant the gate must refuse: 90% of every layer's channels removed, no fine-tune.
             "optimize.prune_sparsity=0.9",
@@ -49,7 +50,7 @@ def registered(module_mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory)
     datamodule = build_datamodule(cfg)
     torch.manual_seed(0)
     net = create_model("simple_cnn", 10, 1)  # the default model, ~200k weights
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     net.train()
     for _ in range(2):
         for x, y in datamodule.train_dataloader():
