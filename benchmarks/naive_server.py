@@ -9,6 +9,7 @@ response shape, but one forward pass per request on the event loop.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -57,7 +58,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--package", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset aware)
+    p.add_argument("--threads", type=int, default=cores, help="torch threads")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)  # all cores, whatever OMP_NUM_THREADS the caller set
     uvicorn.run(build_app(args.package), host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -228,9 +228,11 @@ def main(argv: list[str]) -> int:
         uvloop.install()
     except ImportError:
         pass
-    summary, rows = asyncio.run(
-        run_load(args.url, requests, args.clients, args.duration, args.warmup)
-    )
+    if args.rate:
+        summary, rows = asyncio.run(run_open_loop(args.url, requests, args.rate, args.duration))
+    else:
+        load = run_load(args.url, requests, args.clients, args.duration, args.warmup)
+        summary, rows = asyncio.run(load)
     if args.timeline:
         Path(args.timeline).write_text(json.dumps(rows))
     print(json.dumps(summary))
