@@ -321,7 +321,11 @@ def scenario_overload(work: Path, duration: float) -> dict[str, Any]:
     (work / "cnn0.png").write_bytes(_png(0))
     files = [work / "cnn0.png"]
     timeout_ms = 250
-    env = {"DLPIPE_REQUEST_TIMEOUT_MS": str(timeout_ms), "DLPIPE_MAX_IN_FLIGHT": "64"}
+    env = {
+        "DLPIPE_REQUEST_TIMEOUT_MS": str(timeout_ms),
+        "DLPIPE_MAX_IN_FLIGHT": "64",
+        "DLPIPE_MAX_LOOP_LAG_MS": str(timeout_ms // 3),
+    }
     server = Server("dlpipe", ["--package", str(pkg)], env, work / "overload.log")
     try:
         sustained = load(server.url, files, 32, duration)["throughput_rps"]

@@ -78,3 +78,22 @@ def test_oversize_upload_is_413_declared_or_streamed(secured: TestClient) -> Non
     )
     assert r.status_code == 413
     assert secured.get("/health").is_success
+
+
+def test_saturated_event_loop_sheds_new_requests_promptly(secured: TestClient) -> None:
+    app = secured.app
+    monitor = app.state.lag_monitor  # type: ignore[attr-defined]
+    assert secured.portal is not None
+    secured.portal.call(monitor.stop)  # freeze the reading the test sets
+    monitor.lag_s = 5.0  # the loop runs 5 s late: the CPU is the queue
+    try:
+        r = secured.post("/predict", files=_png(), headers={"X-API-Key": "beta-key"})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert r.json()["error"]["type"] == "overloaded"
+        assert "event loop" in r.json()["error"]["message"]
+        assert secured.get("/health").status_code == 200  # probes are never shed
+    finally:
+        monitor.lag_s = 0.0
+        secured.portal.call(monitor.start)
+    ok = secured.post("/predict", files=_png(), headers={"X-API-Key": "beta-key"})
+    assert ok.status_code in (200, 429)

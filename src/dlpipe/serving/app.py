@@ -20,6 +20,7 @@ from dlpipe import __version__
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.monitoring.gpu import GpuMonitor, GpuReader
 from dlpipe.serving.errors import ServingError, error_body
+from dlpipe.serving.lag import LoopLagMonitor
 from dlpipe.serving.manager import ModelManager
 from dlpipe.serving.middleware import RequestContextMiddleware
 from dlpipe.serving.routes import health, metrics, models, predict, v2
@@ -105,12 +106,15 @@ def create_app(
     """
     settings = settings or get_settings()
     collector = collector or MetricsCollector()
+    lag = LoopLagMonitor()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gpu = GpuMonitor(collector, reader=gpu_reader, interval_s=settings.gpu_poll_interval_s)
         app.state.gpu_monitor = gpu
         gpu.start()
+        app.state.lag_monitor = lag
+        lag.start()
         manager = ModelManager(source or build_source(settings), settings, collector)
         app.state.manager = manager
         await manager.start()
@@ -120,6 +124,7 @@ def create_app(
             yield
         finally:
             await manager.stop()
+            await lag.stop()
             gpu.stop()
 
     app = FastAPI(
@@ -143,5 +148,7 @@ def create_app(
         max_body_bytes=settings.max_upload_bytes,
         access_log=settings.access_log,
         max_in_flight=settings.max_in_flight,
+        lag=lag,
+        max_lag_s=settings.max_loop_lag_ms / 1000.0,
     )
     return app

@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
         log_config=None,  # keep our JSON logging
         access_log=False,  # our middleware writes one JSON line per request
         timeout_keep_alive=30,
+        limit_concurrency=settings.limit_concurrency,
     )
     return 0
 

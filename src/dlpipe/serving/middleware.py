@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.monitoring.logging import request_id_var
 from dlpipe.serving.errors import PayloadTooLarge, error_body
+from dlpipe.serving.lag import LoopLagMonitor
 
 access_log = logging.getLogger("dlpipe.serving.access")
 log = logging.getLogger("dlpipe.serving")
@@ -38,6 +39,8 @@ class RequestContextMiddleware:
         max_body_bytes: int,
         access_log: bool,
         max_in_flight: int = 256,
+        lag: LoopLagMonitor | None = None,
+        max_lag_s: float = 0.1,
     ) -> None:
         self.app = app
         self.collector = collector
@@ -45,6 +48,8 @@ class RequestContextMiddleware:
         self.access_log = access_log
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.lag = lag
+        self.max_lag_s = max_lag_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,10 +94,11 @@ class RequestContextMiddleware:
         self.in_flight += 1
         try:
             declared = _header(scope, b"content-length")
-            if self.in_flight > self.max_in_flight and scope["method"] == "POST":
+            busy = self._busy() if scope["method"] == "POST" else None
+            if busy is not None:
                 # When the CPU is the bottleneck, requests queue in the event loop, not in
                 # the batcher: shed them here, before any parsing is spent on them.
-                message = f"server busy: {self.in_flight - 1} requests in flight; retry later"
+                message = f"server busy: {busy}; retry later"
                 self.collector.record_error("overloaded", message)
                 await self._send_error(send_with_id, 503, "overloaded", message, retry_after=True)
             elif declared is not None and declared.isdigit() and int(declared) > limit:
@@ -130,6 +136,13 @@ class RequestContextMiddleware:
                     },
                 )
             request_id_var.reset(token)
+
+    def _busy(self) -> str | None:
+        if self.in_flight > self.max_in_flight:
+            return f"{self.in_flight - 1} requests in flight"
+        if self.lag is not None and self.lag.lag_s > self.max_lag_s:
+            return f"event loop {self.lag.lag_s * 1000:.0f} ms behind"
+        return None
 
     @staticmethod
     async def _send_error(

@@ -39,6 +39,10 @@ class ServeSettings(BaseSettings):
     """Requests waiting per served version; beyond it the server answers 503."""
     max_in_flight: int = Field(256, ge=1)
     """Inference requests handled at once; beyond it 503 at once (the CPU is the queue)."""
+    limit_concurrency: int | None = Field(None, ge=1)
+    """uvicorn's cap on open connections + tasks: beyond it 503 before any app code runs."""
+    max_loop_lag_ms: float = Field(500.0, gt=0.0)
+    """Shed new inference requests (503) while the event loop runs this late (CPU saturated)."""
     request_timeout_ms: float = Field(1000.0, gt=0.0)
     """Per-request deadline; a request not answered by then gets 504."""
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
