@@ -35,7 +35,7 @@ class InputDecoder:
                 f'this model classifies text; send JSON {{"text": ...}} instead of {field!r}'
             )
         try:
-            image = self._pre.decode_image(data)
+            image = self._decode(data, field)
             if not self.resize_inputs and self.config.image_size is not None:
                 h, w = self.config.image_size
                 if (image.height, image.width) != (h, w):
@@ -47,6 +47,18 @@ class InputDecoder:
         except InvalidInputError as err:
             raise InvalidRequest(f"{field}: {err}") from None
         return np.asarray(batch[0], dtype=np.float32)
+
+    def _decode(self, data: bytes, field: str) -> Any:
+        from dlpipe.data import InvalidInputError
+
+        try:
+            return self._pre.decode_image(data)
+        except InvalidInputError:
+            raise
+        except Exception as err:  # PIL raises OSError, EOFError, struct.error... on bad bytes
+            raise InvalidRequest(
+                f"{field}: not a readable image ({type(err).__name__}: {err})"
+            ) from None
 
     def text(self, text: Any, field: str = "text") -> dict[str, np.ndarray]:
         """Tokenize one text to `input_ids` and `attention_mask` (int64, 1-D)."""
