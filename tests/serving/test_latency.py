@@ -58,7 +58,8 @@ async def _load(url: str, bodies: list[bytes], concurrency: int) -> list[float]:
 # Feature: deep-learning-pipeline, Property 13: Inference latency requirement
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    seeds=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=24),
+    # At least 20 requests per example, so its p95 is a percentile and not simply the maximum.
+    seeds=st.lists(st.integers(0, 2**32 - 1), min_size=20, max_size=40),
     concurrency=st.integers(1, 8),
 )
 def test_p95_latency_under_50ms(server: str, seeds: list[int], concurrency: int) -> None:
