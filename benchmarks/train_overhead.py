@@ -2,8 +2,9 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/train_overhead.py --samples 10000 --epochs 3
 
-Both sides run `simple_cnn` on the same Fashion-MNIST DataLoader (dlpipe's datamodule, same
-preprocessing and augmentation), AdamW + one-cycle stepped per batch, loss and accuracy per step.
+Both sides run `simple_cnn` (channels-last) on the same Fashion-MNIST DataLoader (dlpipe's
+datamodule, same preprocessing and augmentation), AdamW + one-cycle stepped per batch, loss and
+accuracy per step.
 Lightning runs the dlpipe recipe (`LightningModel`) with validation, checkpoints and the progress
 bar off, so the table isolates the framework's per-step overhead. The first epoch is warm-up;
 the median of the rest is reported. Target: Lightning within 10% of plain.
@@ -43,7 +44,7 @@ class EpochTimer(pl.Callback):
 def plain_epochs(loader: Any, epochs: int, lr: float, seed: int) -> list[float]:
     """A hand-written loop doing the same per-step work as `LightningModel.training_step`."""
     torch.manual_seed(seed)
-    net = create_model("simple_cnn", 10, 1)
+    net = create_model("simple_cnn", 10, 1).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     total = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total + 1)
@@ -53,7 +54,7 @@ def plain_epochs(loader: Any, epochs: int, lr: float, seed: int) -> list[float]:
         start = time.perf_counter()
         correct = seen = 0
         for x, y in loader:
-            logits = net(x)
+            logits = net(x.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

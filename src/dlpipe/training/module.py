@@ -37,6 +37,8 @@ class LightningModel(pl.LightningModule):
         weight_decay: AdamW weight decay.
         scheduler: `cosine`, `onecycle` or `none`; stepped per optimizer step.
         total_steps: optimizer steps of the whole run; None asks the trainer.
+        channels_last: keep image tensors in NHWC layout, which oneDNN convolutions run
+            much faster on CPU (values and state_dict are unchanged).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class LightningModel(pl.LightningModule):
         weight_decay: float = 0.0,
         scheduler: Scheduler = "onecycle",
         total_steps: int | None = None,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -61,6 +64,9 @@ class LightningModel(pl.LightningModule):
         self.weight_decay = weight_decay
         self.scheduler_name = scheduler
         self.total_steps = total_steps
+        self.channels_last = channels_last and task == "image_classification"
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.save_hyperparameters(ignore=["net"])
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -72,6 +78,8 @@ class LightningModel(pl.LightningModule):
     def forward(self, inputs: Any) -> torch.Tensor:
         if isinstance(inputs, dict):
             return self.net(inputs["input_ids"], inputs["attention_mask"])
+        if self.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         return self.net(inputs)
 
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
