@@ -57,7 +57,9 @@ class LightningModel(pl.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if scheduler not in ("cosine", "onecycle", "none"):
             raise ValueError(f"scheduler must be cosine, onecycle or none, got {scheduler!r}")
-        self.net = net
+        # Builders may hand over a network in eval mode (e.g. `from_pretrained`); Lightning 2.6
+        # keeps module modes as found, so dropout would silently stay off during training.
+        self.net = net.train()
         self.num_classes = num_classes
         self.task = task
         self.learning_rate = learning_rate
