@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ def server(cnn_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     try:
         proc.wait_ready()
         warm = png_bytes(np.zeros((28, 28), np.uint8))
-        asyncio.run(_load(proc.url, [warm] * 16, 4))  # first connections, first requests
+        asyncio.run(_load(proc.url, [warm] * 64, 8))  # first connections, first requests
         yield proc.url
     finally:
         proc.stop()
@@ -67,6 +68,13 @@ def test_p95_latency_under_50ms(server: str, seeds: list[int], concurrency: int)
         png_bytes(np.random.default_rng(s).integers(0, 256, (28, 28), dtype=np.uint8))
         for s in seeds
     ]
-    latencies = asyncio.run(_load(server, bodies, concurrency))
+    # The client's own garbage collector (a large heap after a whole test session) must not
+    # be counted as server latency: collect first, then keep it off while measuring.
+    gc.collect()
+    gc.disable()
+    try:
+        latencies = asyncio.run(_load(server, bodies, concurrency))
+    finally:
+        gc.enable()
     assert len(latencies) == len(bodies)
     assert _p95(latencies) < 50.0, sorted(latencies)[-5:]
