@@ -274,3 +274,27 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
             available.update(n.output)
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def save_ort_optimized(
+    onnx_path: str | Path,
+    output_path: str | Path,
+    level: Literal["basic", "extended"] = "extended",
+) -> Path:
+    """Save the graph ONNX Runtime builds after its fusions (QDQ pairs -> QLinearConv, ...).
+
+    Session start-up skips those passes when loading it. `extended` keeps the file portable
+    across x86 CPUs; `all` (layout-specific NCHWc kernels) is left to each session.
+    """
+    import onnxruntime as ort
+
+    out = Path(output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[level]
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return out
