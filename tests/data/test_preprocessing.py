@@ -345,3 +345,19 @@ def test_preprocessor_pickles_by_config(
             assert isinstance(b, dict) and torch.equal(a["input_ids"], b["input_ids"])
         else:
             assert torch.equal(a, b)  # type: ignore[arg-type]
+
+
+def test_every_truncation_of_a_png_is_a_clear_input_error() -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dlpipe.data.preprocessing import InvalidInputError, decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(buf, format="PNG")
+    data = buf.getvalue()
+    for n in range(1, len(data)):
+        with pytest.raises(InvalidInputError):
+            decode_image(data[:n])

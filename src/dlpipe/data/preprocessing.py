@@ -90,6 +90,8 @@ def decode_image(data: bytes) -> Image.Image:
         ) from None
     except Image.DecompressionBombError as err:
         raise InvalidInputError(f"image too large: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:  # e.g. a PNG cut inside its header
+        raise InvalidInputError(f"corrupt image header: {err}") from None
     fmt = img.format or "image"
     try:
         img.load()  # decoding happens here: truncated or corrupt data fails now, not later
