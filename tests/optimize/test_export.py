@@ -50,7 +50,7 @@ def test_failed_export_names_the_operator_and_leaves_the_model_usable(tmp_path: 
     err = info.value
     assert any("mystery_scale" in op for op in err.unsupported_ops), err.unsupported_ops
     assert "mystery_scale" in str(err)
-    assert not (tmp_path / "m.onnx").exists()  # no half-written graph left behind
+    assert list(tmp_path.iterdir()) == []  # no half-written graph left behind
     # The design's fallback: the PyTorch model is untouched and still serves.
     assert net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
@@ -101,3 +101,14 @@ def test_minilm_exports_with_dynamic_sequence_and_keeps_parity(tmp_path: Path) -
         expected = net(ids, mask).numpy()
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_failed_export_keeps_an_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous good model")
+    with pytest.raises(ExportError):
+        export_onnx(
+            _Unexportable(), (torch.randn(2, 4),), target, ["input"], exporter="torchscript"
+        )
+    assert target.read_bytes() == b"previous good model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

@@ -35,11 +35,17 @@ def mlp_onnx(tmp_path: Path, mlp_factory: Any) -> tuple[nn.Module, Path]:
 
 def test_static_quantization_rejects_bad_calibration(mlp_onnx: Any, tmp_path: Path) -> None:
     _, src = mlp_onnx
+    previous = tmp_path / "q.onnx"
+    previous.write_bytes(b"an earlier quantized model")
     with pytest.raises(QuantizationError, match="at least one calibration sample"):
-        quantize_int8_static(src, tmp_path / "q.onnx", [])
+        quantize_int8_static(src, previous, [])
     with pytest.raises(QuantizationError, match="lacks inputs"):
-        quantize_int8_static(src, tmp_path / "q.onnx", [{"wrong": np.zeros((1, 8), np.float32)}])
-    assert not (tmp_path / "q.onnx").exists()
+        quantize_int8_static(src, previous, [{"wrong": np.zeros((1, 8), np.float32)}])
+    bad_shape = [np.zeros((2, 5), np.float32)]  # the model takes 8 features
+    with pytest.raises(QuantizationError, match="static INT8 quantization"):
+        quantize_int8_static(src, previous, bad_shape)
+    assert previous.read_bytes() == b"an earlier quantized model"  # nothing stored is lost
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.onnx"]
 
 
 def test_cnn_with_batchnorm_quantizes_with_bn_folded(tmp_path: Path, cnn_factory: Any) -> None:

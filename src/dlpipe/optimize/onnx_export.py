@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -245,8 +247,8 @@ def export_onnx(
         ExportError: no exporter produced a valid graph (lists the unsupported operators).
         ParityError: ORT outputs differ from PyTorch beyond `atol + rtol * |expected|`.
     """
-    path = Path(output_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    final = Path(output_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
     names = list(input_names)
     if len(names) != len(example_args):
         raise ValueError(f"{len(example_args)} example inputs but input_names={names}")
@@ -254,29 +256,45 @@ def export_onnx(
     order = {"auto": [True, False], "dynamo": [True], "torchscript": [False]}[exporter]
     errors: list[BaseException] = []
     used = ""
-    with _eval_mode(net):
-        for dynamo in order:
-            try:
-                _export_once(net, example_args, path, names, output_names, axes, opset, dynamo)
-                onnx.checker.check_model(str(path), full_check=True)
-            except Exception as err:  # the exporters raise many types; all mean "failed"
-                log.info("%s export failed: %s", "dynamo" if dynamo else "torchscript", err)
-                errors.append(err)
-                path.unlink(missing_ok=True)
-                continue
-            used = "dynamo" if dynamo else "torchscript"
-            break
-    if not used:
-        ops = [op for err in errors for op in unsupported_ops_from_error(err)]
-        first_line = str(errors[-1]).strip().splitlines()[0][:300] if errors else "no exporter"
-        raise ExportError(f"ONNX export of {type(net).__name__} failed: {first_line}", ops)
-    _save_self_contained(path)
-    checks = list(parity_inputs or [])
-    if not checks:
-        checks = [_random_like(example_args, 1, seed=1), _random_like(example_args, 3, seed=2)]
-    diff = check_parity(net, path, checks, names, atol=atol, rtol=rtol)
-    size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
-    return ExportResult(path, used, opset, names, diff, round(size / 1e6, 4))
+    # Everything happens in a staging folder; a file already at output_path is replaced only
+    # by a graph that passed the checker and the parity check.
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".export-") as staging:
+        path = Path(staging) / final.name
+        with _eval_mode(net):
+            for dynamo in order:
+                try:
+                    _export_once(net, example_args, path, names, output_names, axes, opset, dynamo)
+                    onnx.checker.check_model(str(path), full_check=True)
+                except Exception as err:  # the exporters raise many types; all mean "failed"
+                    log.info("%s export failed: %s", "dynamo" if dynamo else "torchscript", err)
+                    errors.append(err)
+                    continue
+                used = "dynamo" if dynamo else "torchscript"
+                break
+        if not used:
+            ops = [op for err in errors for op in unsupported_ops_from_error(err)]
+            first = str(errors[-1]).strip().splitlines()[0][:300] if errors else "no exporter"
+            raise ExportError(f"ONNX export of {type(net).__name__} failed: {first}", ops)
+        _save_self_contained(path)
+        checks = list(parity_inputs or [])
+        if not checks:
+            checks = [_random_like(example_args, 1, seed=1), _random_like(example_args, 3, seed=2)]
+        diff = check_parity(net, path, checks, names, atol=atol, rtol=rtol)
+        publish_onnx(path, final)
+    size = sum(
+        p.stat().st_size for p in (final, final.with_name(final.name + ".data")) if p.exists()
+    )
+    return ExportResult(final, used, opset, names, diff, round(size / 1e6, 4))
+
+
+def publish_onnx(staged: Path, final: Path) -> None:
+    """Move a finished ONNX file (and its `.data` side file, if any) to `final` atomically."""
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, final.with_name(final.name + ".data"))
+    else:  # a stale side file would not match the new graph
+        final.with_name(final.name + ".data").unlink(missing_ok=True)
+    os.replace(staged, final)
 
 
 def export_registered(

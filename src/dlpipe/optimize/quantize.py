@@ -26,6 +26,8 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from dlpipe.optimize.onnx_export import publish_onnx
+
 log = logging.getLogger(__name__)
 
 CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
@@ -179,7 +181,7 @@ def quantize_int8_static(
         "reduce_range": reduce_range,
         "calibration_samples": sum(len(next(iter(f.values()))) for f in feeds),
     }
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".quantize-") as tmp:
         model_in = src
         if preprocess:
             model_in = Path(tmp) / "pre.onnx"
@@ -189,10 +191,11 @@ def quantize_int8_static(
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
         }[calibrate_method]
+        staged = Path(tmp) / out.name
         try:
             quantize_static(
                 str(model_in),
-                str(out),
+                str(staged),
                 _ListReader(feeds),
                 quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
                 op_types_to_quantize=list(op_types) if op_types else None,
@@ -204,8 +207,8 @@ def quantize_int8_static(
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
             )
         except Exception as err:
-            out.unlink(missing_ok=True)
             raise QuantizationError(f"static INT8 quantization of {src} failed: {err}") from err
+        publish_onnx(staged, out)
     return QuantizationResult(out, "int8", onnx_size_mb(out), onnx_size_mb(src), settings)
 
 
@@ -221,17 +224,19 @@ def quantize_int8_dynamic(
 
     src, out = Path(onnx_path), Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        quantize_dynamic(
-            str(src),
-            str(out),
-            op_types_to_quantize=list(op_types),
-            per_channel=per_channel,
-            weight_type=QuantType.QInt8,
-        )
-    except Exception as err:
-        out.unlink(missing_ok=True)
-        raise QuantizationError(f"dynamic INT8 quantization of {src} failed: {err}") from err
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".quantize-") as tmp:
+        staged = Path(tmp) / out.name
+        try:
+            quantize_dynamic(
+                str(src),
+                str(staged),
+                op_types_to_quantize=list(op_types),
+                per_channel=per_channel,
+                weight_type=QuantType.QInt8,
+            )
+        except Exception as err:
+            raise QuantizationError(f"dynamic INT8 quantization of {src} failed: {err}") from err
+        publish_onnx(staged, out)
     settings = {"method": "dynamic", "op_types": list(op_types), "per_channel": per_channel}
     return QuantizationResult(out, "int8", onnx_size_mb(out), onnx_size_mb(src), settings)
 
@@ -249,10 +254,12 @@ def convert_fp16(
         half = convert_float_to_float16(model, keep_io_types=keep_io_types)
         _sort_topologically(half.graph)  # the converter appends its input casts at the end
         onnx.checker.check_model(half)
-        onnx.save_model(half, str(out))
     except Exception as err:
-        out.unlink(missing_ok=True)
         raise QuantizationError(f"FP16 conversion of {src} failed: {err}") from err
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fp16-") as tmp:
+        staged = Path(tmp) / out.name
+        onnx.save_model(half, str(staged))
+        publish_onnx(staged, out)
     settings = {"method": "fp16", "keep_io_types": keep_io_types}
     return QuantizationResult(out, "fp16", onnx_size_mb(out), onnx_size_mb(src), settings)
 
