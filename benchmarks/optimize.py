@@ -35,6 +35,7 @@ def _row(
     return {
         "model": model, "variant": variant, "precision": precision, "size_mb": size,
         "p50_ms": stats.p50_ms if stats else None, "p95_ms": stats.p95_ms if stats else None,
+        "min_ms": stats.min_ms if stats else None,
         "throughput_b32": stats.throughput_per_s if stats else None, **extra,
     }  # fmt: skip
 
@@ -79,6 +80,8 @@ def bench_fashion(args: argparse.Namespace) -> list[Row]:
         extra = {"accuracy": v.accuracy, "drop": v.drop, "status": v.status, "version": v.version}
         if v.target == "pruned":
             extra["sparsity"] = v.details.get("sparsity")
+        if v.latency and base:
+            extra["speedup"] = base.p50_ms / v.latency.p50_ms
         rows.append(_row(model, f"ort {v.target}", v.precision, v.size_mb, v.latency, **extra))
     return rows
 
@@ -200,7 +203,7 @@ def print_rows(title: str, rows: list[Row]) -> None:
 
     table = Table(title=title)
     cols = ["model", "variant", "precision", "size_mb", "accuracy", "drop", "p50_ms", "p95_ms",
-            "throughput_b32", "speedup"]  # fmt: skip
+            "min_ms", "throughput_b32", "speedup"]  # fmt: skip
     for c in cols:
         table.add_column(c)
     for r in rows:

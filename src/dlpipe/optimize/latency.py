@@ -27,6 +27,8 @@ class LatencyStats:
     p95_ms: float
     throughput_per_s: float | None = None
     batch_size: int | None = None
+    min_ms: float | None = None
+    """Fastest call: on a shared machine, the closest figure to an idle one."""
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -80,6 +82,7 @@ def measure_latency(
     """
     single = _timings(_runner(model, make_inputs(1)), iterations, warmup) * 1000
     stats = LatencyStats(float(np.percentile(single, 50)), float(np.percentile(single, 95)))
+    stats.min_ms = float(single.min())
     if throughput_batch:
         batched = _timings(_runner(model, make_inputs(throughput_batch)), throughput_iterations, 1)
         stats.throughput_per_s = float(throughput_batch / np.median(batched))
