@@ -180,3 +180,26 @@ def test_cli_bad_input_is_one_line_and_nonzero(capsys: pytest.CaptureFixture[str
     assert len(err) == 1 and "int4" in err[0] and "allowed" in err[0]
     assert main(["cnn:x:y"]) == 1
     assert "NAME@alias" in capsys.readouterr().err
+
+
+def test_model_optimizer_design_interface(tmp_path: Path, cnn_factory: Any) -> None:
+    from dlpipe.optimize.optimizer import ModelOptimizer
+    from dlpipe.optimize.precision import precision_violations
+
+    net = cnn_factory(1, 8, 8, 3, 0)
+    opt = ModelOptimizer(net, work_dir=tmp_path, exporter="torchscript")
+    exported = opt.export_onnx(tmp_path / "m.onnx", input_shape=(1, 1, 8, 8))
+    assert exported.path.is_file() and exported.max_abs_diff < 1e-4
+    calib = [np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)]
+    int8 = opt.quantize("int8", calibration_inputs=calib)
+    fp16 = opt.quantize("fp16")
+    assert int8.settings["method"] == "static" and precision_violations(int8.path, "int8") == []
+    assert precision_violations(fp16.path, "fp16") == []
+    with pytest.raises(ValueError, match="int8' or 'fp16"):
+        opt.quantize("int4")
+    x = torch.randn(64, 1, 8, 8)
+    batches = [(x, net(x).argmax(1).detach())]
+    report = opt.validate_accuracy(net, int8.path, batches)
+    assert report.original_accuracy == 1.0 and report.drop < 0.1
+    if not torch.cuda.is_available():
+        assert opt.optimize_tensorrt(exported.path, tmp_path / "m.plan").skipped

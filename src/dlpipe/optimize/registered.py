@@ -122,10 +122,11 @@ def optimize_registered(
     package = Path(registry.get_model(name, version_or_alias))
     parent = registry.get_metadata(name, version_or_alias)
     cfg = load_package_config(package)
+    eval_cfg = cfg.model_copy(deep=True)  # the variants' config.yaml stays the parent's
     if limit_eval_samples:
-        cfg.data.limit_eval_samples = limit_eval_samples
+        eval_cfg.data.limit_eval_samples = limit_eval_samples
     net = load_torch_model(package)
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(eval_cfg)
     test_batches = list(datamodule.test_dataloader())
     labels = np.concatenate([np.asarray(y) for _, y in test_batches])
     original_pred = predictions(net, test_batches)
