@@ -32,9 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlpipe optimize", description=__doc__.splitlines()[0])
     p.add_argument("model", help="NAME, NAME@alias or NAME:version of a registered model")
     p.add_argument(
-        "--targets", default="onnx,int8", help=f"comma-separated subset of {','.join(TARGETS)}"
+        "--targets",
+        default=None,
+        help=f"comma-separated subset of {','.join(TARGETS)} (default: the model's config)",
     )
-    p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="0.01 = 1 point")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        help="0.01 = 1 point (default: the model's config, usually 0.01)",
+    )
     p.add_argument("--calibration-samples", type=int, default=None)
     p.add_argument("--limit-eval-samples", type=int, default=None, help="cap the test split")
     p.add_argument("--registry-uri", default=None, help="default: MLFLOW_REGISTRY_URI")
@@ -85,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         name, version = parse_model_ref(args.model)
-        targets = parse_targets(args.targets)
-        if not 0.0 <= args.max_accuracy_drop <= 1.0:
+        targets = parse_targets(args.targets) if args.targets else None
+        if args.max_accuracy_drop is not None and not 0.0 <= args.max_accuracy_drop <= 1.0:
             raise ValueError("--max-accuracy-drop must be within [0, 1] (0.01 = 1 point)")
         from dlpipe.optimize.registered import optimize_registered
         from dlpipe.tracking.registry import ModelRegistry

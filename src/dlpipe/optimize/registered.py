@@ -90,8 +90,8 @@ def parse_targets(text: str | Sequence[str]) -> list[str]:
 def optimize_registered(
     name: str,
     version_or_alias: str | int | None,
-    targets: Sequence[str],
-    max_accuracy_drop: float = 0.01,
+    targets: Sequence[str] | None = None,
+    max_accuracy_drop: float | None = None,
     *,
     registry: Any = None,
     register: bool = True,
@@ -104,8 +104,9 @@ def optimize_registered(
 
     Args:
         version_or_alias: a version number, an alias such as `champion`, or None (latest).
-        targets: subset of `TARGETS`.
-        max_accuracy_drop: largest allowed accuracy loss as a fraction (0.01 = 1 point).
+        targets: subset of `TARGETS` (default: the package config's `optimize.targets`).
+        max_accuracy_drop: largest allowed accuracy loss as a fraction (0.01 = 1 point);
+            default: the package config's `optimize.max_accuracy_drop`.
         registry: a `ModelRegistry` (default: one on MLFLOW_REGISTRY_URI).
         register: False builds and gates without registering (a dry run).
         calibration_samples: INT8 calibration size (default: the package's optimize config).
@@ -115,13 +116,16 @@ def optimize_registered(
     from dlpipe.tracking.package import load_package_config, load_torch_model
     from dlpipe.tracking.registry import ModelRegistry
 
-    chosen = parse_targets(targets)
-    if not 0.0 <= max_accuracy_drop <= 1.0:
+    if targets is not None:
+        parse_targets(targets)  # bad targets fail before anything is downloaded
+    if max_accuracy_drop is not None and not 0.0 <= max_accuracy_drop <= 1.0:
         raise ValueError(f"max_accuracy_drop must be within [0, 1], got {max_accuracy_drop}")
     registry = registry or ModelRegistry()
     package = Path(registry.get_model(name, version_or_alias))
     parent = registry.get_metadata(name, version_or_alias)
     cfg = load_package_config(package)
+    chosen = parse_targets(targets if targets is not None else cfg.optimize.targets)
+    max_drop = cfg.optimize.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop
     eval_cfg = cfg.model_copy(deep=True)  # the variants' config.yaml stays the parent's
     if limit_eval_samples:
         eval_cfg.data.limit_eval_samples = limit_eval_samples
@@ -142,7 +146,7 @@ def optimize_registered(
             opset=cfg.optimize.opset,
         )  # fmt: skip
         ctx = _Context(
-            name, parent, cfg, registry, register, max_accuracy_drop, test_batches,
+            name, parent, cfg, registry, register, max_drop, test_batches,
             original_pred, measure, inputs, work,
         )  # fmt: skip
         results = []
