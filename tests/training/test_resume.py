@@ -35,6 +35,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 RESUME_OVERRIDES = (
     "training.num_epochs=3",
+    "training.precision='32'",  # quoted: a bare 32 is read as a YAML integer
     "training.deterministic=true",
     "tracking.register_model=false",
     "tracking.log_checkpoint=false",
