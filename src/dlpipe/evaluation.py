@@ -82,11 +82,7 @@ class ServerProcess:
         return self._log.read().decode(errors="replace")[-chars:]
 
     def __enter__(self) -> ServerProcess:
-        self._log = (
-            open(self.log_path, "w+b")
-            if self.log_path
-            else tempfile.TemporaryFile()
-        )
+        self._log = open(self.log_path, "w+b") if self.log_path else tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             self._cmd, env=self._env, stdout=self._log, stderr=subprocess.STDOUT
         )

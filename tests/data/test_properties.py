@@ -1,8 +1,5 @@
 """Property tests for preprocessing (design Properties 20 and 21)."""
 
-# The property tags must match the design word for word, even past the line length.
-# ruff: noqa: E501
-
 from __future__ import annotations
 
 import io
