@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,7 +90,10 @@ def fit_with_ray(
                 resources_per_worker={"CPU": 1, **({"GPU": 1} if t.num_gpus > 0 else {})},
             ),
             run_config=RunConfig(
-                name="ray",
+                # Unique per run: Ray's report callback stages checkpoints in
+                # /tmp/lightning_checkpoints-job_id=…-name=<name>-…, and a new local cluster
+                # reuses job ids, so two runs on one machine would delete each other's files.
+                name=f"dlpipe-{uuid.uuid4().hex[:12]}",
                 storage_path=str(runner.checkpoint_dir / "ray_storage"),
                 failure_config=FailureConfig(max_failures=0),
             ),
