@@ -28,8 +28,14 @@ def test_required_configs_exist() -> None:
 def test_overrides_are_typed() -> None:
     cfg = load_config(
         CONFIGS[0],
-        ["training.learning_rate=0.01", "training.num_epochs=2", "preprocessing.augment=false"],
+        [
+            "training.learning_rate=0.01",
+            "training.num_epochs=2",
+            "preprocessing.augment=false",
+            "training.precision=32",
+        ],
     )
+    assert cfg.training.precision == "32"
     assert cfg.training.learning_rate == 0.01
     assert cfg.training.num_epochs == 2
     assert cfg.preprocessing.augment is False

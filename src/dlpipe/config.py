@@ -154,6 +154,12 @@ class TrainingConfig(_Section):
     limit_val_batches: float | int | None = None
     progress_bar: bool = True
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: object) -> object:
+        # `-o training.precision=32` arrives from YAML as the integer 32.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _gpus_available(self) -> TrainingConfig:
         if self.num_gpus > 0:
