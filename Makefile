@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/fashion_mnist.yaml
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -50,7 +49,8 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 unit: $(STAMP) system-deps
-	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=900
+	# One thread per process: the suite starts DDP groups, Ray workers and servers on 2 cores.
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest -q -p no:cacheprovider --timeout=900
 
 test: lint typecheck unit
 
