@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,11 +26,25 @@ def tmp_mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     yield uri
 
 
+def _migrated_sqlite(db: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An empty, already migrated MLflow schema at `db`: the migrations (seconds) run once per
+    session into a template file that each store copies."""
+    from mlflow import MlflowClient
+
+    template = tmp_path_factory.getbasetemp() / "mlflow-template.db"
+    if not template.exists():
+        staging = template.with_name(f"{template.name}.{os.getpid()}")
+        MlflowClient(f"sqlite:///{staging}").search_experiments()
+        os.replace(staging, template)
+    shutil.copyfile(template, db)
+    return f"sqlite:///{db}"
+
+
 @pytest.fixture(scope="module")
 def module_mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One sqlite store shared by a test module (MLflow's schema set-up costs seconds)."""
+    """One sqlite store shared by a test module, created from a migrated template."""
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = _migrated_sqlite(root / "mlflow.db", tmp_path_factory)
     old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["MLFLOW_REGISTRY_URI"] = uri

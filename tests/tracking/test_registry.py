@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from dlpipe.config import PipelineConfig
 from dlpipe.tracking import package as package_module
@@ -28,23 +26,9 @@ from dlpipe.tracking.registry import ModelRegistry, RegistryError
 from dlpipe.tracking.routing_signal import RoutingSignal, signal_path_for
 
 
-def migrated_store(uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Put an empty, already migrated MLflow schema at a fresh sqlite `uri` (copied from a
-    template built once per session: MLflow's migrations cost seconds)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-registry-template.db"
-    if not template.exists():
-        staging = template.with_name(f"{template.name}.{os.getpid()}")
-        MlflowClient(f"sqlite:///{staging}").search_experiments()
-        os.replace(staging, template)
-    db = Path(uri.removeprefix("sqlite:///"))
-    if not db.exists():
-        shutil.copyfile(template, db)
-    return uri
-
-
 @pytest.fixture(scope="module")
 def store(module_mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return migrated_store(module_mlflow_uri, tmp_path_factory)
+    return module_mlflow_uri
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from dlpipe.config import PipelineConfig
 from dlpipe.tracking.cli import main
@@ -25,24 +22,10 @@ from dlpipe.tracking.registry import ModelRegistry
 NAME = "cli-model"
 
 
-def migrated_store(uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Put an empty, already migrated MLflow schema at a fresh sqlite `uri` (copied from a
-    template built once per session: MLflow's migrations cost seconds)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-registry-template.db"
-    if not template.exists():
-        staging = template.with_name(f"{template.name}.{os.getpid()}")
-        MlflowClient(f"sqlite:///{staging}").search_experiments()
-        os.replace(staging, template)
-    db = Path(uri.removeprefix("sqlite:///"))
-    if not db.exists():
-        shutil.copyfile(template, db)
-    return uri
-
-
 @pytest.fixture(scope="module")
 def store(module_mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A store holding NAME with versions 1, 2, 3 (the CLI reads MLFLOW_TRACKING_URI)."""
-    uri = migrated_store(module_mlflow_uri, tmp_path_factory)
+    uri = module_mlflow_uri
     cfg = PipelineConfig()
     meta = ModelMetadata(
         NAME, "pytorch", "fp32", 0.01, datetime(2025, 3, 4, tzinfo=UTC), {"acc": 0.75},

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mlflow import MlflowClient
 from scipy.stats import binomtest
 
 from dlpipe.config import PipelineConfig, PreprocessingConfig
@@ -75,26 +72,9 @@ def metadata_strategy(
     )
 
 
-def migrated_store(uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Put an empty, already migrated MLflow schema at a fresh sqlite `uri`.
-
-    MLflow's schema migrations cost seconds; they run once per session into a template file
-    that each module copies.
-    """
-    template = tmp_path_factory.getbasetemp() / "mlflow-registry-template.db"
-    if not template.exists():
-        staging = template.with_name(f"{template.name}.{os.getpid()}")
-        MlflowClient(f"sqlite:///{staging}").search_experiments()
-        os.replace(staging, template)
-    db = Path(uri.removeprefix("sqlite:///"))
-    if not db.exists():
-        shutil.copyfile(template, db)
-    return uri
-
-
 @pytest.fixture(scope="module")
 def registry(module_mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
-    uri = migrated_store(module_mlflow_uri, tmp_path_factory)
+    uri = module_mlflow_uri
     return ModelRegistry(uri, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
