@@ -323,9 +323,10 @@ def scenario_overload(work: Path, duration: float) -> dict[str, Any]:
     timeout_ms = 250
     env = {
         "DLPIPE_REQUEST_TIMEOUT_MS": str(timeout_ms),
-        "DLPIPE_MAX_IN_FLIGHT": "64",
-        "DLPIPE_MAX_LOOP_LAG_MS": str(timeout_ms // 3),
+        "DLPIPE_MAX_IN_FLIGHT": os.environ.get("DLPIPE_MAX_IN_FLIGHT", "32"),
     }
+    if "DLPIPE_MAX_LOOP_LAG_MS" in os.environ:  # default: a tenth of the deadline
+        env["DLPIPE_MAX_LOOP_LAG_MS"] = os.environ["DLPIPE_MAX_LOOP_LAG_MS"]
     server = Server("dlpipe", ["--package", str(pkg)], env, work / "overload.log")
     try:
         sustained = load(server.url, files, 32, duration)["throughput_rps"]
@@ -339,7 +340,9 @@ def scenario_overload(work: Path, duration: float) -> dict[str, Any]:
             _row(
                 f"{name}: {r['offered_rps']:.0f} req/s",
                 r,
-                f"  statuses {r['statuses']}  p95 of 503s {r['p95_503_ms']} ms",
+                f"  max {r['max_ok_ms']} ms  statuses {r['statuses']}  503s p95 "
+                f"{r['p95_503_ms']} / p99 {r['p99_503_ms']} ms  client lag p99 "
+                f"{r['client_lag_p99_ms']} ms  last error at {r['last_error_at_s']} s",
             )
         )
     result = {

@@ -30,6 +30,9 @@ environment = st.fixed_dictionaries(
         "ort_intra_op_threads": st.integers(0, 16),
         "log_level": st.sampled_from(["debug", "info", "warning", "error"]),
         "resize_inputs": st.booleans(),
+        "loop": st.sampled_from(["asyncio", "uvloop"]),
+        "max_in_flight": st.integers(1, 10_000),
+        "max_loop_lag_ms": st.floats(0.5, 10_000).map(lambda v: round(v, 3)),
     },
 )
 

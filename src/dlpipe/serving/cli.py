@@ -49,14 +49,14 @@ def main(argv: list[str]) -> int:
 
     configure_logging(settings.log_level.upper())
     app = create_app(settings)
-    fast_loop = importlib.util.find_spec("uvloop") is not None
+    use_uvloop = settings.loop == "uvloop" and importlib.util.find_spec("uvloop") is not None
     fast_http = importlib.util.find_spec("httptools") is not None
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         workers=1,
-        loop="uvloop" if fast_loop else "asyncio",
+        loop="uvloop" if use_uvloop else "asyncio",
         http="httptools" if fast_http else "h11",
         log_config=None,  # keep our JSON logging
         access_log=False,  # our middleware writes one JSON line per request

@@ -27,11 +27,16 @@ class LoopLagMonitor:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        previous = 0.0
         while True:
             before = loop.time()
             await asyncio.sleep(self.interval_s)
-            lag = max(0.0, loop.time() - before - self.interval_s)
-            # Rise at once, decay over a few samples: one quiet tick does not end an overload.
+            sample = max(0.0, loop.time() - before - self.interval_s)
+            # Two late samples in a row mean saturation; one alone is a pause (a collection,
+            # a model swap) that is already over. Rise at once on a confirmed lag, decay over
+            # a few samples: one quiet tick does not end an overload.
+            lag = min(previous, sample)
+            previous = sample
             self.lag_s = lag if lag > self.lag_s else 0.7 * self.lag_s + 0.3 * lag
 
     async def stop(self) -> None:

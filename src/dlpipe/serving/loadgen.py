@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import re
@@ -98,14 +99,7 @@ async def _client(
 
 def summarize(results: list[tuple[float, float, int, str]], duration: float) -> dict[str, Any]:
     """Latency percentiles over successful requests, throughput, status and version counts."""
-    ok = sorted((end - start) * 1000.0 for start, end, status, _ in results if status == 200)
-
-    def pct(q: float) -> float | None:
-        if not ok:
-            return None
-        rank = math.ceil(q * len(ok))  # nearest rank
-        return round(ok[min(len(ok), max(1, rank)) - 1], 2)
-
+    ok = [(end - start) * 1000.0 for start, end, status, _ in results if status == 200]
     statuses: dict[str, int] = {}
     versions: dict[str, int] = {}
     for _, _, status, version in results:
@@ -117,9 +111,9 @@ def summarize(results: list[tuple[float, float, int, str]], duration: float) -> 
         "ok": len(ok),
         "errors": len(results) - len(ok),
         "throughput_rps": round(len(ok) / duration, 1),
-        "p50_ms": pct(0.50),
-        "p95_ms": pct(0.95),
-        "p99_ms": pct(0.99),
+        "p50_ms": _percentile(ok, 0.50),
+        "p95_ms": _percentile(ok, 0.95),
+        "p99_ms": _percentile(ok, 0.99),
         "statuses": statuses,
         "versions": versions,
     }
@@ -144,56 +138,80 @@ async def run_load(
 
 
 async def _one(
-    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+    pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
     host: str,
     port: int,
     payload: bytes,
-    sent: float,
+    scheduled: float,
     results: list[tuple[float, float, int, str]],
+    lags: list[float],
 ) -> None:
-    reader, writer = (
-        pool.get_nowait() if not pool.empty() else await asyncio.open_connection(host, port)
-    )
+    lags.append(time.perf_counter() - scheduled)
+    try:
+        reader, writer = pool.pop() if pool else await asyncio.open_connection(host, port)
+    except OSError:
+        results.append((scheduled, time.perf_counter(), 598, ""))  # connection refused
+        return
     writer.write(payload)
     try:
         status, body = await _read_response(reader)
     except (asyncio.IncompleteReadError, ConnectionError):
-        results.append((sent, time.perf_counter(), 599, ""))
+        results.append((scheduled, time.perf_counter(), 599, ""))
         writer.close()
         return
     m = _VERSION.search(body)
-    results.append((sent, time.perf_counter(), status, m.group(1).decode() if m else ""))
-    pool.put_nowait((reader, writer))
+    results.append((scheduled, time.perf_counter(), status, m.group(1).decode() if m else ""))
+    pool.append((reader, writer))
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile, rounded to 0.01."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 2)
 
 
 async def run_open_loop(
     url: str, requests: list[bytes], rate: float, duration: float
 ) -> tuple[dict[str, Any], list[tuple[float, float, int, str]]]:
-    """Open loop: requests arrive at `rate` per second whatever the server does (overload)."""
+    """Open loop: requests arrive at `rate` per second whatever the server does (overload).
+
+    Each latency counts from the request's scheduled arrival, not from when this process got
+    round to sending it, so a late client cannot hide server delay (coordinated omission);
+    `client_lag_p99_ms` says how late the client itself was.
+    """
     m = re.match(r"http://([^:/]+):(\d+)", url)
     if not m:
         raise ValueError(f"bad url {url!r}")
     host, port = m.group(1), int(m.group(2))
-    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     results: list[tuple[float, float, int, str]] = []
+    lags: list[float] = []
     tasks = []
     start = time.perf_counter()
     for i in range(int(rate * duration)):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        sent = time.perf_counter()
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        await asyncio.sleep(max(0.0, delay))  # sleep(0) still lets running requests progress
         payload = requests[i % len(requests)]
-        tasks.append(asyncio.ensure_future(_one(pool, host, port, payload, sent, results)))
+        tasks.append(
+            asyncio.ensure_future(_one(pool, host, port, payload, scheduled, results, lags))
+        )
     await asyncio.gather(*tasks)
-    while not pool.empty():
-        pool.get_nowait()[1].close()
+    for _, writer in pool:
+        writer.close()
     summary = summarize(results, duration)
-    shed = sorted((e - s) * 1000.0 for s, e, st, _ in results if st == 503)
+    by_status: dict[int, list[float]] = {}
+    for s, e, st, _ in results:
+        by_status.setdefault(st, []).append((e - s) * 1000.0)
     summary["offered_rps"] = rate
-    summary["p95_503_ms"] = (
-        round(shed[max(0, math.ceil(0.95 * len(shed)) - 1)], 2) if shed else None
-    )
+    summary["p95_503_ms"] = _percentile(by_status.get(503, []), 0.95)
+    summary["p99_503_ms"] = _percentile(by_status.get(503, []), 0.99)
+    summary["max_ok_ms"] = round(max(by_status.get(200, [0.0])), 2)
+    summary["client_lag_p99_ms"] = _percentile([x * 1000.0 for x in lags], 0.99)
+    failed_at = [s - start for s, _, st, _ in results if st != 200]
+    summary["last_error_at_s"] = round(max(failed_at), 3) if failed_at else None
     return summary, results
 
 
@@ -228,6 +246,11 @@ def main(argv: list[str]) -> int:
         uvloop.install()
     except ImportError:
         pass
+    # A collection pause here would make this process send a burst afterwards (open loop)
+    # or stall its clients (closed loop): the server would be blamed for our own pause.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     if args.rate:
         summary, rows = asyncio.run(run_open_loop(args.url, requests, args.rate, args.duration))
     else:

@@ -39,10 +39,15 @@ class ServeSettings(BaseSettings):
     """Requests waiting per served version; beyond it the server answers 503."""
     max_in_flight: int = Field(256, ge=1)
     """Inference requests handled at once; beyond it 503 at once (the CPU is the queue)."""
+    loop: Literal["asyncio", "uvloop"] = "asyncio"
+    """Event loop. asyncio by default: under overload uvloop (libuv) left new connections
+    unaccepted for seconds while it served open ones (docs/benchmarks.md, overload), and it
+    was no faster here on the request path."""
     limit_concurrency: int | None = Field(None, ge=1)
     """uvicorn's cap on open connections + tasks: beyond it 503 before any app code runs."""
-    max_loop_lag_ms: float = Field(500.0, gt=0.0)
-    """Shed new inference requests (503) while the event loop runs this late (CPU saturated)."""
+    max_loop_lag_ms: float | None = Field(None, gt=0.0)
+    """Shed new inference requests (503) while the event loop runs this late (CPU saturated);
+    None: a tenth of `request_timeout_ms`."""
     request_timeout_ms: float = Field(1000.0, gt=0.0)
     """Per-request deadline; a request not answered by then gets 504."""
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -66,6 +71,12 @@ class ServeSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     """One JSON log line per request."""
+
+    @property
+    def loop_lag_limit_s(self) -> float:
+        """The event-loop lag above which new inference requests are shed, in seconds."""
+        limit_ms = self.max_loop_lag_ms or self.request_timeout_ms / 10.0
+        return limit_ms / 1000.0
 
     @field_validator("api_keys", mode="before")
     @classmethod
