@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dlpipe.serving.batcher import BatchStats, MicroBatcher
+from dlpipe.serving.batcher import Arrivals, BatchStats, MicroBatcher
 from dlpipe.serving.errors import BatcherClosed, DeadlineExceeded, Overloaded
 
 
@@ -49,6 +49,39 @@ def test_max_wait_bounds_a_lonely_request() -> None:
     elapsed = asyncio.run(main())
     assert 0.04 <= elapsed < 1.0
     assert calls == [[3]]
+
+
+def test_a_lone_request_with_nobody_on_the_way_runs_at_once() -> None:
+    calls: list[list[int]] = []
+
+    async def main() -> tuple[float, float, float]:
+        arrivals = Arrivals()
+        b = MicroBatcher(
+            _doubler(calls), max_batch_size=64, max_wait_s=0.5, capacity=64, arrivals=arrivals
+        )
+        b.start()
+        t = time.perf_counter()
+        assert await b.submit(1, 2.0) == 2  # nobody on the way: no window
+        alone = time.perf_counter() - t
+        arrivals.enter()  # another request is being read
+        t = time.perf_counter()
+        first = asyncio.ensure_future(b.submit(2, 2.0))
+        await asyncio.sleep(0.1)
+        assert not first.done()  # waits for the one on its way
+        arrivals.enter()
+        second = asyncio.ensure_future(b.submit(3, 2.0))  # it arrives ...
+        await asyncio.sleep(0)
+        arrivals.leave()  # ... and is queued
+        arrivals.leave()  # the other one gave up (a 400, say): nobody left on the way
+        assert await asyncio.gather(first, second) == [4, 6]
+        waited = time.perf_counter() - t
+        await b.close()
+        assert arrivals._listeners == []  # a closed batcher no longer listens
+        return alone, waited, arrivals.count
+
+    alone, waited, left = asyncio.run(main())
+    assert alone < 0.1 and 0.1 <= waited < 0.4  # both well under the 0.5 s window
+    assert calls == [[1], [2, 3]] and left == 0
 
 
 def test_exception_reaches_every_future_of_the_batch() -> None:

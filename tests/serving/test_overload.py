@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from serving_helpers import random_png
 
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.serving import ServeSettings, create_app
@@ -137,6 +139,24 @@ def test_start_up_objects_are_frozen_out_of_the_collector(cnn_package: Path) -> 
             assert gc.get_freeze_count() > 10_000
     finally:
         gc.unfreeze()
+
+
+def test_every_request_leaves_the_arrivals_count(cnn_package: Path) -> None:
+    png = random_png(np.random.default_rng(0))
+    with TestClient(create_app(ServeSettings(package=str(cnn_package)))) as client:
+        arrivals = client.app.state.arrivals  # type: ignore[attr-defined]
+        for kwargs, status in [
+            ({"files": {"file": ("a.png", png, "image/png")}}, 200),
+            ({"files": {"file": ("a.png", b"junk", "image/png")}}, 400),
+            ({"files": {"other": ("a.png", png, "image/png")}}, 400),
+            ({"json": {"text": "an image model"}}, 400),
+            ({"files": {"file": ("a.png", png, "image/png")}, "params": {"version": "9"}}, 404),
+            ({"files": {"files": ("a.png", png, "image/png")}, "url": "/predict/batch"}, 200),
+        ]:
+            url = kwargs.pop("url", "/predict")
+            assert client.post(url, **kwargs).status_code == status, kwargs  # type: ignore[arg-type]
+            assert arrivals.count == 0, kwargs
+        assert client.get("/health").status_code == 200 and arrivals.count == 0
 
 
 def test_serve_uses_the_asyncio_loop_unless_told(

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dlpipe import __version__
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.monitoring.gpu import GpuMonitor, GpuReader
+from dlpipe.serving.batcher import Arrivals
 from dlpipe.serving.errors import ServingError, error_body
 from dlpipe.serving.lag import LoopLagMonitor
 from dlpipe.serving.manager import ModelManager
@@ -108,6 +109,7 @@ def create_app(
     settings = settings or get_settings()
     collector = collector or MetricsCollector()
     lag = LoopLagMonitor()
+    arrivals = Arrivals()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -115,7 +117,7 @@ def create_app(
         app.state.gpu_monitor = gpu
         gpu.start()
         app.state.lag_monitor = lag
-        manager = ModelManager(source or build_source(settings), settings, collector)
+        manager = ModelManager(source or build_source(settings), settings, collector, arrivals)
         app.state.manager = manager
         await manager.start()
         if not manager.ready:
@@ -140,6 +142,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.collector = collector
+    app.state.arrivals = arrivals
     app.state.auth = ApiKeyAuth(settings.api_keys)
     app.state.rate_limit = RateLimit(settings.rate_limit)
     # No dependency_overrides here: FastAPI re-analyses every dependency of every request
@@ -155,5 +158,6 @@ def create_app(
         max_in_flight=settings.max_in_flight,
         lag=lag,
         max_lag_s=settings.loop_lag_limit_s,
+        arrivals=arrivals,
     )
     return app

@@ -6,8 +6,10 @@
     await batcher.close()                # drains what is queued, then stops
 
 Inside: a bounded deque of pending requests (one future each), a "full batch" event, and a
-max-wait timeout counted from when the oldest request arrived. A batch runs on a dedicated thread so
-the event loop keeps accepting requests meanwhile; its exception reaches every future of the batch.
+max-wait timeout counted from when the oldest request arrived; with an `Arrivals` count the
+wait is skipped (or cut short) when no other request is on its way. A batch runs on a
+dedicated thread so the event loop keeps accepting requests meanwhile; its exception reaches
+every future of the batch.
 Admission control: a full queue, or a queue so long that a new request would miss its deadline,
 answers `Overloaded` (HTTP 503 + Retry-After) at once instead of letting latency grow without end.
 """
@@ -39,6 +41,36 @@ class _Pending:
     deadline: float
 
 
+class Arrivals:
+    """Requests on their way to a batcher: admitted by the server, not yet queued.
+
+    The server counts a request in when it admits it and out when it queues it (or fails
+    before). A batcher waits `max_wait` for company only while somebody is on the way, so a
+    lone request (one client, a quiet server) runs at once instead of idling for the window.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._listeners: list[asyncio.Event] = []
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count <= 0:
+            self.count = 0
+            for event in self._listeners:
+                event.set()  # nobody else is coming: stop waiting for a fuller batch
+
+    def listen(self, event: asyncio.Event) -> None:
+        self._listeners.append(event)
+
+    def unlisten(self, event: asyncio.Event) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(event)
+
+
 @dataclass(frozen=True, slots=True)
 class BatchStats:
     """What one batch did, handed to the `on_batch` callback (metrics)."""
@@ -61,6 +93,7 @@ class MicroBatcher(Generic[T, R]):
         capacity: int = 512,
         name: str = "model",
         on_batch: Callable[[BatchStats], None] | None = None,
+        arrivals: Arrivals | None = None,
     ) -> None:
         if max_batch_size < 1 or capacity < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and capacity must be >= 1, max_wait_s >= 0")
@@ -70,6 +103,7 @@ class MicroBatcher(Generic[T, R]):
         self.capacity = capacity
         self.name = name
         self.on_batch = on_batch
+        self.arrivals = arrivals
         self._pending: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
@@ -88,6 +122,8 @@ class MicroBatcher(Generic[T, R]):
             self._task = asyncio.get_running_loop().create_task(
                 self._loop(), name=f"batcher-{self.name}"
             )
+            if self.arrivals is not None:
+                self.arrivals.listen(self._full)
 
     @property
     def closing(self) -> bool:
@@ -100,6 +136,8 @@ class MicroBatcher(Generic[T, R]):
     async def close(self) -> None:
         """Stop accepting requests, finish every queued one, then release the thread."""
         self._closing = True
+        if self.arrivals is not None:
+            self.arrivals.unlisten(self._full)
         self._wakeup.set()
         self._full.set()
         if self._task is not None:
@@ -154,7 +192,11 @@ class MicroBatcher(Generic[T, R]):
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                if len(self._pending) < self.max_batch_size and not self._closing:
+                if (
+                    len(self._pending) < self.max_batch_size
+                    and not self._closing
+                    and (self.arrivals is None or self.arrivals.count > 0)
+                ):
                     # Wait for a full batch, at most max_wait after the oldest arrived.
                     remaining = self._pending[0].enqueued_at + self.max_wait_s - loop.time()
                     if remaining > 0:

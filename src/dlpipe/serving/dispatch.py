@@ -58,6 +58,9 @@ async def infer(
                 f.cancel()
             raise
         request.state.model_version = served.version
+        arrivals = request.scope["state"].pop("arrivals", None)
+        if arrivals is not None:
+            arrivals.leave()  # queued: no longer on its way
         return served, await _gather(served, futures, timeout)
     raise InferenceFailed("routing kept changing; try again")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dlpipe.monitoring import MetricsCollector
+from dlpipe.serving.batcher import Arrivals
 from dlpipe.serving.errors import ModelUnavailable, VersionNotServed
 from dlpipe.serving.served import ServedModel
 from dlpipe.serving.settings import ServeSettings
@@ -41,9 +42,14 @@ class ModelManager:
     """Owns the served versions of one model name and follows its source."""
 
     def __init__(
-        self, source: ModelSource, settings: ServeSettings, collector: MetricsCollector
+        self,
+        source: ModelSource,
+        settings: ServeSettings,
+        collector: MetricsCollector,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self.source = source
+        self.arrivals = arrivals
         self.settings = settings
         self.collector = collector
         self.state: ServingState | None = None
@@ -142,7 +148,13 @@ class ModelManager:
         try:
             path = await asyncio.to_thread(self.source.fetch, version)
             served = await asyncio.to_thread(
-                ServedModel.load, self.model_name, version, path, self.settings, self.collector
+                ServedModel.load,
+                self.model_name,
+                version,
+                path,
+                self.settings,
+                self.collector,
+                self.arrivals,
             )
         except Exception as err:
             self._failed[version] = time.monotonic()

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.monitoring.logging import request_id_var
+from dlpipe.serving.batcher import Arrivals
 from dlpipe.serving.errors import PayloadTooLarge, error_body
 from dlpipe.serving.lag import LoopLagMonitor
 
@@ -41,6 +42,7 @@ class RequestContextMiddleware:
         max_in_flight: int = 256,
         lag: LoopLagMonitor | None = None,
         max_lag_s: float = 0.1,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self.app = app
         self.collector = collector
@@ -50,6 +52,7 @@ class RequestContextMiddleware:
         self.in_flight = 0
         self.lag = lag
         self.max_lag_s = max_lag_s
+        self.arrivals = arrivals
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -108,6 +111,10 @@ class RequestContextMiddleware:
                 self.collector.record_error(err.error_type, err.message)
                 await self._send_error(send_with_id, err.status_code, err.error_type, err.message)
             else:
+                if self.arrivals is not None and scope["method"] == "POST":
+                    # On its way to a batcher until dispatch queues it (see `Arrivals`).
+                    self.arrivals.enter()
+                    state["arrivals"] = self.arrivals
                 await self.app(scope, receive_limited, send_with_id)
         except Exception as err:  # last resort: the process never dies on a request
             log.exception("unhandled error")
@@ -115,6 +122,9 @@ class RequestContextMiddleware:
             if not response_started:
                 await self._send_error(send_with_id, 500, "internal", "internal server error")
         finally:
+            arrived_without_queueing = state.pop("arrivals", None)
+            if arrived_without_queueing is not None:
+                arrived_without_queueing.leave()
             self.in_flight -= 1
             self.collector.in_flight.dec()
             latency_ms = (time.perf_counter() - started) * 1000.0

@@ -11,7 +11,7 @@ import numpy as np
 
 from dlpipe.config import PreprocessingConfig
 from dlpipe.monitoring import MetricsCollector
-from dlpipe.serving.batcher import BatchStats, MicroBatcher
+from dlpipe.serving.batcher import Arrivals, BatchStats, MicroBatcher
 from dlpipe.serving.engine import InferenceEngine, ModelLoadError
 from dlpipe.serving.inputs import InputDecoder, Sample, softmax_top_k
 from dlpipe.serving.settings import ServeSettings
@@ -40,6 +40,7 @@ class ServedModel:
         preprocessing: PreprocessingConfig,
         settings: ServeSettings,
         collector: MetricsCollector,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self.model_name = model_name
         self.version = version
@@ -55,6 +56,7 @@ class ServedModel:
             capacity=settings.queue_capacity,
             name=f"{model_name}:{version}",
             on_batch=self._record_batch,
+            arrivals=arrivals,
         )
         info = engine.get_model_info()
         self.framework = str(info["framework"])
@@ -69,15 +71,15 @@ class ServedModel:
         path: str | Path,
         settings: ServeSettings,
         collector: MetricsCollector,
+        arrivals: Arrivals | None = None,
     ) -> ServedModel:
         """Build the engine and warm it up (blocking; run it off the event loop)."""
         path = Path(path)
         engine = InferenceEngine(
             path, settings.device, intra_op_threads=settings.ort_intra_op_threads
         )
-        served = cls(
-            model_name, version, engine, _read_preprocessing(path, engine), settings, collector
-        )
+        preprocessing = _read_preprocessing(path, engine)
+        served = cls(model_name, version, engine, preprocessing, settings, collector, arrivals)
         if settings.warmup:
             sizes = sorted({1, min(8, settings.max_batch_size), settings.max_batch_size})
             engine.warmup(tuple(sizes))
