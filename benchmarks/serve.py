@@ -192,14 +192,21 @@ class Server:
         self._log.close()
 
 
-def load(url: str, files: list[Path], clients: int, duration: float, *extra: str) -> dict[str, Any]:
+def load(
+    url: str,
+    files: list[Path],
+    clients: int,
+    duration: float,
+    *extra: str,
+    path: str = "/predict",
+) -> dict[str, Any]:
     """Run the load generator as its own process; returns its JSON summary."""
     cmd = [
         PY,
         "-m",
         "dlpipe.serving.loadgen",
         "--url",
-        url + "/predict",
+        url + path,
         "--clients",
         str(clients),
         "--duration",
@@ -301,7 +308,44 @@ def scenario_cnn(work: Path, duration: float) -> list[dict[str, Any]]:
         (work / f"cnn{seed}.png").write_bytes(_png(seed))
         files.append(work / f"cnn{seed}.png")
     env = {"DLPIPE_MAX_BATCH_SIZE": "32", "DLPIPE_MAX_WAIT_MS": "2"}
-    return _compare("Fashion-MNIST CNN, PNG uploads", pkg, pkg, files, [32], duration, work, env)
+    rows = _compare("Fashion-MNIST CNN, PNG uploads", pkg, pkg, files, [32], duration, work, env)
+    rows.append(_batch_endpoint(pkg, files, duration, work, env))
+    return rows
+
+
+def _batch_endpoint(
+    pkg: Path, files: list[Path], duration: float, work: Path, env: dict[str, str]
+) -> dict[str, Any]:
+    """A small model pays more for HTTP than for inference: 16 images per request amortize it."""
+    per_request, clients = 16, 4
+    server = Server("dlpipe", ["--package", str(pkg)], env, work / "server-batch.log")
+    extra = ("--field", "files", "--per-request", str(per_request))
+    try:
+        load(server.url, files, clients, 2.0, *extra, path="/predict/batch")
+        before = server.metrics()
+        ours = load(server.url, files, clients, duration, *extra, path="/predict/batch")
+        batch = mean_batch(before, server.metrics())
+    finally:
+        server.stop()
+    limit = ort_limit(pkg, max(1, round(batch)))
+    share = ours["items_per_s"] / limit
+    print(f" /predict/batch, {per_request} PNGs per request, {clients} clients:")
+    images = f"  {ours['items_per_s']:.0f} images/s  mean batch {batch:.1f}"
+    print(_row("dlpipe serve", ours, images))
+    print(
+        f"  in-process ONNX Runtime, batch {max(1, round(batch))}: {limit:8.1f} items/s "
+        f"(served = {share:.0%} of it)"
+    )
+    row = {
+        "scenario": "Fashion-MNIST CNN, /predict/batch",
+        "clients": clients,
+        "per_request": per_request,
+        "ours": ours,
+        "mean_batch": batch,
+        "ort_items_per_s": limit,
+    }
+    print(json.dumps(row))
+    return row
 
 
 def scenario_resnet(work: Path, duration: float) -> list[dict[str, Any]]:

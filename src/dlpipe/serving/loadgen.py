@@ -33,20 +33,25 @@ def multipart_request(
     path: str,
     field: str,
     filename: str,
-    data: bytes,
+    data: bytes | list[bytes],
     ctype: str,
     headers: dict[str, str] | None = None,
 ) -> bytes:
-    """One complete HTTP/1.1 POST with a multipart body, encoded once and reused."""
+    """One complete HTTP/1.1 POST with a multipart body, encoded once and reused.
+
+    `data` as a list sends one part per item, all in `field` (for /predict/batch).
+    """
     boundary = uuid.uuid4().hex
-    body = (
+    parts = b"".join(
         (
             f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-            f'filename="{filename}"\r\nContent-Type: {ctype}\r\n\r\n'
+            f'filename="{i}-{filename}"\r\nContent-Type: {ctype}\r\n\r\n'
         ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
+        + item
+        + b"\r\n"
+        for i, item in enumerate(data if isinstance(data, list) else [data])
     )
+    body = parts + f"--{boundary}--\r\n".encode()
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -220,6 +225,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--url", required=True, help="http://host:port/path")
     p.add_argument("--file", action="append", required=True, help="image file(s) to upload")
     p.add_argument("--field", default="file")
+    p.add_argument(
+        "--per-request",
+        type=int,
+        default=1,
+        help="files per request (with --field files and a /predict/batch url)",
+    )
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=1.0)
@@ -234,9 +245,12 @@ def main(argv: list[str]) -> int:
     host, port, path = m.group(1), int(m.group(2)), m.group(3)
     headers = dict(h.split(": ", 1) for h in args.header)
     requests = []
-    for f in args.file:
-        data = Path(f).read_bytes()
+    blobs = [Path(f).read_bytes() for f in args.file]
+    for i, f in enumerate(args.file):
         ctype = "image/png" if f.endswith(".png") else "image/jpeg"
+        data: bytes | list[bytes] = blobs[i]
+        if args.per_request > 1:
+            data = [blobs[(i + j) % len(blobs)] for j in range(args.per_request)]
         requests.append(
             multipart_request(host, port, path, args.field, Path(f).name, data, ctype, headers)
         )
@@ -258,6 +272,7 @@ def main(argv: list[str]) -> int:
         summary, rows = asyncio.run(load)
     if args.timeline:
         Path(args.timeline).write_text(json.dumps(rows))
+    summary["items_per_s"] = round(summary["throughput_rps"] * args.per_request, 1)
     print(json.dumps(summary))
     return 0
 
