@@ -70,6 +70,8 @@ class ServerProcess:
         self._env = {**os.environ, **(env or {})}
         self._ready_timeout_s = ready_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+        """The server's exit status once stopped (-15: it exited on SIGTERM's default)."""
         # The server logs one JSON line per request: a file, never an unread pipe that fills up.
         self.log_path = Path(log_path) if log_path else None
         self._log: IO[bytes] | None = None
@@ -113,6 +115,7 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self.returncode = self._proc.returncode
         self._proc = None
         if self._log is not None:
             self._log.close()

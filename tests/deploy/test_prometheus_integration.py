@@ -12,11 +12,8 @@ import bisect
 import http.client
 import io
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -31,6 +28,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dlpipe.evaluation import ServerProcess, free_port
 from dlpipe.monitoring.metrics import LATENCY_BUCKETS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,12 +45,6 @@ pytestmark = [
     ),
     pytest.mark.timeout(300),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
@@ -124,24 +116,15 @@ def model_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def dlpipe_server(model_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`dlpipe serve --package` as a separate process; yields its base URL once /ready."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {
-        **os.environ,
         "OMP_NUM_THREADS": "1",
         "DLPIPE_ACCESS_LOG": "false",
         "DLPIPE_LOG_LEVEL": "warning",
         "DLPIPE_ORT_INTRA_OP_THREADS": "1",
     }
-    cmd = [sys.executable, "-m", "dlpipe.cli", "serve", "--package", str(model_package)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    try:
-        _wait_for(f"http://127.0.0.1:{port}/ready", proc, log, timeout_s=120)
-        yield f"127.0.0.1:{port}"
-    finally:
-        _stop(proc)
+    with ServerProcess(package=str(model_package), env=env, log_path=log) as server:
+        yield f"127.0.0.1:{server.port}"
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +141,7 @@ def prometheus(dlpipe_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
     shipped["scrape_configs"] = [job]
     config = work / "prometheus.yml"
     config.write_text(yaml.safe_dump(shipped))
-    port = _free_port()
+    port = free_port()
     log = work / "prometheus.log"
     cmd = [
         PROMETHEUS,

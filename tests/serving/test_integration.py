@@ -14,8 +14,9 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import ServerProcess, make_biased_package, random_png
+from serving_helpers import make_biased_package, random_png
 
+from dlpipe.evaluation import ServerProcess
 from dlpipe.serving.loadgen import multipart_request, run_load
 from dlpipe.tracking.metadata import ModelMetadata
 from dlpipe.tracking.registry import ModelRegistry
@@ -35,20 +36,19 @@ def registry_server(
         assert registry.register_model(pkg, meta) == version
     registry.promote("fashion", "1")
     server = ServerProcess(
-        ["--model", "fashion"],
-        {
+        model_name="fashion",
+        env={
+            "OMP_NUM_THREADS": "1",
             "DLPIPE_TRACKING_URI": module_mlflow_uri,
             "DLPIPE_REGISTRY_REFRESH_S": "0.2",
             "DLPIPE_MODEL_CACHE": str(serving_root / "registry-cache-server"),
             "DLPIPE_REQUEST_TIMEOUT_MS": "5000",
         },
-        serving_root / "registry-server.log",
+        log_path=serving_root / "registry-server.log",
     )
-    try:
-        server.wait_ready()
+    with server:
         yield server, registry
-    finally:
-        assert server.stop() in (0, -15)
+    assert server.returncode in (0, -15)
 
 
 def test_predict_headers_and_prometheus_text(

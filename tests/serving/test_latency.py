@@ -13,24 +13,19 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_helpers import ServerProcess, png_bytes
+from serving_helpers import png_bytes
+
+from dlpipe.evaluation import ServerProcess
 
 
 @pytest.fixture(scope="module")
 def server(cnn_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("latency") / "server.log"
-    proc = ServerProcess(
-        ["--package", str(cnn_package), "--model", "fashion"],
-        {"DLPIPE_ACCESS_LOG": "false", "DLPIPE_MAX_WAIT_MS": "2"},
-        log,
-    )
-    try:
-        proc.wait_ready()
+    env = {"OMP_NUM_THREADS": "1", "DLPIPE_ACCESS_LOG": "false", "DLPIPE_MAX_WAIT_MS": "2"}
+    with ServerProcess("fashion", package=str(cnn_package), env=env, log_path=log) as proc:
         warm = png_bytes(np.zeros((28, 28), np.uint8))
         asyncio.run(_load(proc.url, [warm] * 64, 8))  # first connections, first requests
         yield proc.url
-    finally:
-        proc.stop()
 
 
 def _p95(values: list[float]) -> float:
