@@ -36,6 +36,8 @@ class HttpEvalResult:
     throughput_rps: float
     versions: dict[str, int]
     """How many responses each model version gave."""
+    retries: int = 0
+    """503 answers that were retried after their Retry-After (the server shedding load)."""
 
 
 def free_port() -> int:
@@ -143,30 +145,47 @@ def raw_test_samples(cfg: PipelineConfig, limit: int | None = None) -> list[tupl
     return list(samples)
 
 
+MAX_RETRIES = 5
+"""503 answers retried per sample (after the server's Retry-After, at most 1 s each)."""
+
+
+def _retry_after_s(resp: httpx.Response) -> float:
+    try:
+        return min(1.0, max(0.0, float(resp.headers.get("retry-after", "0.1"))))
+    except ValueError:
+        return 0.1
+
+
 async def _drive(
     url: str, samples: list[tuple[Any, int]], is_text: bool, clients: int, headers: dict[str, str]
-) -> tuple[list[float], list[bool], list[str], int]:
+) -> tuple[list[float], list[bool], list[str], int, int]:
     latencies: list[float] = []
     correct: list[bool] = []
     versions: list[str] = []
-    errors = 0
+    errors = retries = 0
     queue = iter(samples)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits) as client:
 
+        async def send(payload: Any) -> httpx.Response:
+            if is_text:
+                return await client.post("/predict", json={"text": payload}, headers=headers)
+            files = {"file": ("x.png", payload, "image/png")}
+            return await client.post("/predict", files=files, headers=headers)
+
         async def worker() -> None:
-            nonlocal errors
+            nonlocal errors, retries
             for payload, label in queue:
                 start = time.perf_counter()
                 try:
-                    if is_text:
-                        resp = await client.post(
-                            "/predict", json={"text": payload}, headers=headers
-                        )
-                    else:
-                        files = {"file": ("x.png", payload, "image/png")}
-                        resp = await client.post("/predict", files=files, headers=headers)
+                    resp = await send(payload)
+                    for _ in range(MAX_RETRIES):
+                        if resp.status_code != 503:
+                            break
+                        retries += 1  # shed under load: honour Retry-After, as clients should
+                        await asyncio.sleep(_retry_after_s(resp))
+                        resp = await send(payload)
                 except httpx.HTTPError:
                     errors += 1
                     continue
@@ -179,7 +198,7 @@ async def _drive(
                 versions.append(str(body["model_version"]))
 
         await asyncio.gather(*(worker() for _ in range(clients)))
-    return latencies, correct, versions, errors
+    return latencies, correct, versions, errors, retries
 
 
 def evaluate_over_http(
@@ -194,7 +213,7 @@ def evaluate_over_http(
         raise ValueError("no samples to evaluate")
     is_text = cfg.preprocessing.task_type == "text_classification"
     start = time.perf_counter()
-    latencies, correct, versions, errors = asyncio.run(
+    latencies, correct, versions, errors, retries = asyncio.run(
         _drive(url, samples, is_text, clients, headers or {})
     )
     elapsed = time.perf_counter() - start
@@ -211,4 +230,5 @@ def evaluate_over_http(
         p99_ms=float(np.percentile(lat_ms, 99)),
         throughput_rps=len(samples) / elapsed,
         versions=counts,
+        retries=retries,
     )

@@ -189,11 +189,13 @@ def print_summary(summary: PipelineSummary, console: Console) -> None:
     s = summary.served
     if s is not None:
         served = Table(title=f"served over HTTP: version {summary.promoted_version} (champion)")
-        for col in ("requests", "errors", "accuracy", "p50 ms", "p95 ms", "throughput req/s"):
+        cols = ("requests", "errors", "retried 503s", "accuracy", "p50 ms", "p95 ms", "req/s")
+        for col in cols:
             served.add_column(col)
         served.add_row(
             str(s.requests),
             str(s.errors),
+            str(s.retries),
             f"{s.accuracy:.4f}",
             f"{s.p50_ms:.1f}",
             f"{s.p95_ms:.1f}",
