@@ -55,4 +55,4 @@ unit: $(STAMP) system-deps
 test: lint typecheck unit
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) mlruns mlflow.db mlflow.db.dlpipe-routing .pytest_cache .mypy_cache .ruff_cache
