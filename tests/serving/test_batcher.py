@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
+from typing import Any
 
 import pytest
 
@@ -175,3 +178,32 @@ def test_close_drains_queued_requests_then_refuses_new_ones() -> None:
 def test_constructor_needs_no_event_loop() -> None:
     b = MicroBatcher(lambda xs: xs)  # no running loop here: must not raise
     assert b.depth() == 0
+
+
+def test_a_closed_batcher_lets_its_owner_go_without_the_collector() -> None:
+    class Owner:  # holds its batcher, whose callbacks point back at it: a cycle
+        def __init__(self) -> None:
+            self.batcher: MicroBatcher[int, int] = MicroBatcher(
+                self.run, max_batch_size=2, max_wait_s=0.0, capacity=4, on_batch=self.seen
+            )
+
+        def run(self, items: list[int]) -> list[int]:
+            return items
+
+        def seen(self, stats: BatchStats) -> None:
+            pass
+
+    async def main() -> weakref.ref[Any]:
+        owner = Owner()
+        owner.batcher.start()
+        assert await owner.batcher.submit(1, 1.0) == 1
+        await owner.batcher.close()
+        with pytest.raises(BatcherClosed):
+            owner.batcher.run_batch([1])
+        return weakref.ref(owner)
+
+    gc.disable()  # reference counting alone must free it
+    try:
+        assert asyncio.run(main())() is None
+    finally:
+        gc.enable()

@@ -9,6 +9,7 @@ import functools
 import gc
 import json
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,30 @@ def test_start_up_objects_are_frozen_out_of_the_collector(cnn_package: Path) -> 
         with TestClient(create_app(ServeSettings(package=str(cnn_package)))) as client:
             assert client.get("/ready").status_code == 200
             assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+
+
+def test_a_model_frozen_at_start_up_is_freed_when_retired(cnn_package: Path) -> None:
+    from dlpipe.monitoring import MetricsCollector
+    from dlpipe.serving.served import ServedModel
+
+    settings = ServeSettings(package=str(cnn_package))
+
+    async def serve_then_retire() -> tuple[weakref.ref[Any], weakref.ref[Any]]:
+        served = ServedModel.load("fashion", "1", cnn_package, settings, MetricsCollector())
+        served.batcher.start()
+        await served.infer(np.zeros((1, 28, 28), np.float32))
+        gc.collect()
+        gc.freeze()  # what the server does once its start-up models are loaded
+        refs = weakref.ref(served), weakref.ref(served.engine)
+        await served.batcher.close()  # what the manager does when a version is retired
+        return refs
+
+    try:
+        served, engine = asyncio.run(serve_then_retire())
+        gc.collect()
+        assert served() is None and engine() is None  # its ONNX Runtime session went with it
     finally:
         gc.unfreeze()
 

@@ -81,6 +81,10 @@ class BatchStats:
     expired: int
 
 
+def _closed(items: list[Any]) -> Sequence[Any]:
+    raise BatcherClosed("batcher closed")
+
+
 class MicroBatcher(Generic[T, R]):
     """Collect concurrent requests into batches for a blocking `run_batch(items) -> results`."""
 
@@ -143,6 +147,11 @@ class MicroBatcher(Generic[T, R]):
         if self._task is not None:
             await asyncio.shield(self._task)
         self._executor.shutdown(wait=False)
+        # The callbacks usually point back at our owner (a served model holding this batcher):
+        # drop them so a retired model is freed at once, not at a full collection (which never
+        # comes for objects the server froze at start-up).
+        self.run_batch = _closed
+        self.on_batch = None
 
     # ------------------------------------------------------------------ submit
     def submit_nowait(self, item: T, timeout_s: float) -> asyncio.Future[R]:
