@@ -241,6 +241,27 @@ def ort_limit(package: Path, batch: int, seconds: float = 3.0, threads: int = 0)
     return n / (time.perf_counter() - start)
 
 
+def _measure_ours(
+    pkg: Path,
+    env: dict[str, str],
+    log: Path,
+    files: list[Path],
+    clients: int,
+    duration: float,
+    *extra: str,
+    path: str = "/predict",
+) -> tuple[dict[str, Any], float]:
+    """`dlpipe serve` on `pkg`: a warm-up run, then the measured one; (summary, mean batch)."""
+    server = Server("dlpipe", ["--package", str(pkg)], env, log)
+    try:
+        load(server.url, files, clients, 2.0, *extra, path=path)  # warm-up run, not measured
+        before = server.metrics()
+        ours = load(server.url, files, clients, duration, *extra, path=path)
+        return ours, mean_batch(before, server.metrics())
+    finally:
+        server.stop()
+
+
 # -------------------------------------------------------------------------- scenarios
 def _row(name: str, r: dict[str, Any], extra: str = "") -> str:
     return (
@@ -263,14 +284,7 @@ def _compare(
     print(f"\n== {title}")
     results = []
     for n in clients:
-        server = Server("dlpipe", ["--package", str(ours_pkg)], env, work / "server.log")
-        try:
-            load(server.url, files, n, 2.0)  # warm-up run, not measured
-            before = server.metrics()
-            ours = load(server.url, files, n, duration)
-            batch = mean_batch(before, server.metrics())
-        finally:
-            server.stop()
+        ours, batch = _measure_ours(ours_pkg, env, work / "server.log", files, n, duration)
         naive_server = Server("naive", ["--package", str(naive_pkg)], {}, work / "naive.log")
         try:
             load(naive_server.url, files, n, 2.0)
@@ -318,15 +332,11 @@ def _batch_endpoint(
 ) -> dict[str, Any]:
     """A small model pays more for HTTP than for inference: 16 images per request amortize it."""
     per_request, clients = 16, 4
-    server = Server("dlpipe", ["--package", str(pkg)], env, work / "server-batch.log")
     extra = ("--field", "files", "--per-request", str(per_request))
-    try:
-        load(server.url, files, clients, 2.0, *extra, path="/predict/batch")
-        before = server.metrics()
-        ours = load(server.url, files, clients, duration, *extra, path="/predict/batch")
-        batch = mean_batch(before, server.metrics())
-    finally:
-        server.stop()
+    log = work / "server-batch.log"
+    ours, batch = _measure_ours(
+        pkg, env, log, files, clients, duration, *extra, path="/predict/batch"
+    )
     limit = ort_limit(pkg, max(1, round(batch)))
     share = ours["items_per_s"] / limit
     print(f" /predict/batch, {per_request} PNGs per request, {clients} clients:")
