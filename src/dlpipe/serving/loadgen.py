@@ -73,6 +73,26 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, body
 
 
+async def _exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    payload: bytes,
+    sent: float,
+    results: list[tuple[float, float, int, str]],
+) -> bool:
+    """Send one request and record its row; False when the connection broke (and is closed)."""
+    writer.write(payload)
+    try:
+        status, body = await _read_response(reader)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        results.append((sent, time.perf_counter(), 599, ""))
+        writer.close()
+        return False
+    m = _VERSION.search(body)
+    results.append((sent, time.perf_counter(), status, m.group(1).decode() if m else ""))
+    return True
+
+
 async def _client(
     host: str,
     port: int,
@@ -87,17 +107,8 @@ async def _client(
         while time.perf_counter() < stop_at:
             payload = requests[i % len(requests)]
             i += 1
-            sent = time.perf_counter()
-            writer.write(payload)
-            try:
-                status, body = await _read_response(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                results.append((sent, time.perf_counter(), 599, ""))
-                writer.close()
+            if not await _exchange(reader, writer, payload, time.perf_counter(), results):
                 reader, writer = await asyncio.open_connection(host, port)
-                continue
-            m = _VERSION.search(body)
-            results.append((sent, time.perf_counter(), status, m.group(1).decode() if m else ""))
     finally:
         writer.close()
 
@@ -157,16 +168,8 @@ async def _one(
     except OSError:
         results.append((scheduled, time.perf_counter(), 598, ""))  # connection refused
         return
-    writer.write(payload)
-    try:
-        status, body = await _read_response(reader)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        results.append((scheduled, time.perf_counter(), 599, ""))
-        writer.close()
-        return
-    m = _VERSION.search(body)
-    results.append((scheduled, time.perf_counter(), status, m.group(1).decode() if m else ""))
-    pool.append((reader, writer))
+    if await _exchange(reader, writer, payload, scheduled, results):
+        pool.append((reader, writer))
 
 
 def _percentile(values: list[float], q: float) -> float | None:
