@@ -47,7 +47,6 @@ def test_overrides_are_typed() -> None:
         ("training.learning_rate=-0.1", "training.learning_rate"),
         ("training.lerning_rate=0.1", "training.lerning_rate: unknown key"),
         ("training.batch_size=many", "training.batch_size"),
-        ("training.num_gpus=4", "num_gpus=4 but"),
         ("model.name=resnet9000", "unknown model 'resnet9000'; allowed: bert-base"),
         ("training.strategy=horovod", "training.strategy"),
         ("training.precision=16-mixed", "needs a GPU"),
@@ -87,3 +86,37 @@ def test_flat_params_cover_every_field() -> None:
             assert f"{section}.{name}" in flat or any(
                 k.startswith(f"{section}.{name}.") for k in flat
             ), f"{section}.{name} missing"
+
+
+def test_reading_a_config_imports_no_framework() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from dlpipe.config import load_config; load_config(None, "
+        "['training.num_gpus=4', 'model.name=resnet50', 'model.in_channels=3', "
+        "'preprocessing.channels=3']); "
+        "print(sorted(m for m in ('torch', 'torchvision', 'lightning', 'tensorflow') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_gpu_config_loads_anywhere_and_the_job_start_checks_the_machine() -> None:
+    from dlpipe.training.devices import check_devices, cuda_device_count
+
+    cfg = load_config(CONFIGS[0], ["training.num_gpus=64"])  # describes a job, checks nothing
+    assert cfg.training.num_gpus == 64
+    with pytest.raises(ConfigError, match=f"num_gpus=64 but {cuda_device_count()} CUDA"):
+        check_devices(cfg.training)
+
+
+def test_model_type_is_the_design_name_for_model_name() -> None:
+    cfg = load_config(None, ["training.model_type=resnet18", "model.in_channels=3",
+                             "preprocessing.channels=3"])  # fmt: skip
+    assert cfg.model.name == "resnet18" and cfg.training.model_type == "resnet18"
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config(None, ["training.model_type=resnet18", "model.name=simple_cnn"])
+    with pytest.raises(ConfigError, match="unknown model 'resnet9000'"):
+        load_config(None, ["training.model_type=resnet9000"])

@@ -4,6 +4,10 @@
 
 Every section rejects unknown keys, so a typo fails before any work starts and names the key.
 The same `PreprocessingConfig` object drives training and serving.
+
+The schema describes a job; it never looks at the machine reading it (a config stored with a
+model trained on 4 GPUs loads on a laptop). Checks against local resources run where a job
+starts (`dlpipe.training.devices.check_devices`). Reading a config imports no framework.
 """
 
 from __future__ import annotations
@@ -45,11 +49,9 @@ class ModelConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from dlpipe.models import list_models
+        from dlpipe.models.architectures import get_architecture
 
-        known = list_models()
-        if name not in known:
-            raise ValueError(f"unknown model {name!r}; allowed: {', '.join(known)}")
+        get_architecture(name)  # ValueError naming the known architectures
         return name
 
 
@@ -125,7 +127,8 @@ class TrainingConfig(_Section):
     """How to train (design: TrainingConfig)."""
 
     model_type: str | None = None
-    """Informational copy of model.name, filled in automatically."""
+    """The design's name for `model.name`: set either one (both must agree); filled in
+    from `model.name` when absent."""
     num_gpus: int = Field(0, ge=0)
     """GPUs to use; 0 trains on the CPU."""
     num_processes: int = Field(1, ge=1, le=64)
@@ -161,15 +164,7 @@ class TrainingConfig(_Section):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
-    def _gpus_available(self) -> TrainingConfig:
-        if self.num_gpus > 0:
-            import torch
-
-            available = torch.cuda.device_count()
-            if self.num_gpus > available:
-                raise ValueError(
-                    f"num_gpus={self.num_gpus} but {available} CUDA device(s) are available"
-                )
+    def _precision_needs_gpu(self) -> TrainingConfig:
         if self.precision == "16-mixed" and self.num_gpus == 0:
             raise ValueError("precision '16-mixed' needs a GPU; use 'bf16-mixed' or '32' on CPU")
         return self
@@ -215,9 +210,17 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
-        from dlpipe.models import model_task
+        from dlpipe.models.architectures import get_architecture
 
-        task = model_task(self.model.name)
+        wanted = self.training.model_type
+        if wanted is not None and wanted != self.model.name:
+            if "name" in self.model.model_fields_set:
+                raise ValueError(
+                    f"training.model_type={wanted!r} and model.name={self.model.name!r} disagree; "
+                    "set one of them"
+                )
+            self.model.name = wanted  # validated against the catalogue by assignment
+        task = get_architecture(self.model.name).task
         if task != self.preprocessing.task_type:
             raise ValueError(
                 f"model {self.model.name!r} is for {task} but preprocessing.task_type is "

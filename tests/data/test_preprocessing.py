@@ -271,7 +271,7 @@ def test_text_config_errors_are_clear(tmp_path: Path) -> None:
 
 
 def test_local_tokenizer_path_works(tmp_path: Path) -> None:
-    from dlpipe.models.text import minilm_dir
+    from dlpipe.models.pretrained import minilm_dir
 
     local = DataPreprocessor(text_config(tokenizer_name=str(minilm_dir())))
     shipped = DataPreprocessor(text_config())

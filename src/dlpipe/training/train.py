@@ -27,6 +27,7 @@ from dlpipe.tracking.metadata import ModelMetadata, utc_now
 from dlpipe.tracking.package import save_model_package
 from dlpipe.training.artifacts import save_confusion_matrix_png, save_model_summary
 from dlpipe.training.checkpoint import config_from_checkpoint, resolve_checkpoint
+from dlpipe.training.devices import check_devices
 from dlpipe.training.module import LightningModel
 from dlpipe.training.trainer import DistributedTrainer, TrainingError
 
@@ -131,6 +132,7 @@ def train(
         callbacks: extra Lightning callbacks.
         datamodule: use this instead of `dlpipe.data.build_datamodule(cfg)`.
     """
+    check_devices(cfg.training)
     resume_path = resolve_checkpoint(resume_from) if resume_from else None
     if resume_path is not None:
         check_resume_plan(cfg, resume_path)
