@@ -47,7 +47,7 @@ def run(calls: int, uncached_calls: int) -> list[dict[str, object]]:
     import torch
 
     from dlpipe.config import PipelineConfig
-    from dlpipe.tracking.ab import ABTestConfig
+    from dlpipe.routing import ABTestConfig
     from dlpipe.tracking.metadata import ModelMetadata
     from dlpipe.tracking.package import save_model_package
     from dlpipe.tracking.registry import ModelRegistry

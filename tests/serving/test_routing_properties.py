@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serving_helpers import make_biased_package, random_png, upload
 
+from dlpipe.routing import ABTestConfig
 from dlpipe.serving import ServeSettings, create_app
 from dlpipe.serving.sources import LocalSource
-from dlpipe.tracking.ab import ABTestConfig
 
 PROPERTY = settings(
     max_examples=100,
@@ -168,7 +168,7 @@ def test_a_version_that_fails_to_load_leaves_the_previous_one_serving(
 def test_sticky_request_keys_agree_with_the_registry_rule(
     routed: tuple[TestClient, LocalSource],
 ) -> None:
-    from dlpipe.tracking.ab import RoutingState, choose_version
+    from dlpipe.routing import RoutingState, choose_version
 
     client, source = routed
     ab = ABTestConfig("1", "2", 0.5)

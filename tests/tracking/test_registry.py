@@ -17,13 +17,10 @@ import pytest
 import torch
 
 from dlpipe.config import PipelineConfig
-from dlpipe.tracking import package as package_module
-from dlpipe.tracking import registry_support
-from dlpipe.tracking.ab import ABTestConfig
+from dlpipe.routing import ABTestConfig, RoutingSignal, signal_path_for
 from dlpipe.tracking.metadata import ModelMetadata
 from dlpipe.tracking.package import save_model_package
 from dlpipe.tracking.registry import ModelRegistry, RegistryError
-from dlpipe.tracking.routing_signal import RoutingSignal, signal_path_for
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +64,6 @@ def _snapshot(registry: ModelRegistry, name: str) -> tuple[Any, ...]:
         [(r["version"], r["aliases"]) for r in rows],
         registry.get_ab_config(name),
         len(registry.history(name)),
-    )
-
-
-def test_package_file_names_match_package_module() -> None:
-    assert registry_support.PACKAGE_METADATA_FILE == package_module.METADATA_FILE
-    assert registry_support.PACKAGE_MODEL_FILES == (
-        package_module.WEIGHTS_FILE,
-        package_module.ONNX_FILE,
     )
 
 

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dlpipe import __version__
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.monitoring.gpu import GpuMonitor, GpuReader
+from dlpipe.routing import RoutingPlan
 from dlpipe.serving.batcher import Arrivals
 from dlpipe.serving.errors import ServingError, error_body
 from dlpipe.serving.lag import LoopLagMonitor
@@ -28,7 +29,7 @@ from dlpipe.serving.middleware import RequestContextMiddleware
 from dlpipe.serving.routes import health, metrics, models, predict, v2
 from dlpipe.serving.security import ApiKeyAuth, RateLimit
 from dlpipe.serving.settings import ServeSettings, get_settings
-from dlpipe.serving.sources import LocalSource, ModelSource, RegistrySource, RoutingPlan
+from dlpipe.serving.sources import LocalSource, ModelSource, RegistrySource
 
 log = logging.getLogger("dlpipe.serving")
 

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dlpipe.monitoring import MetricsCollector
+from dlpipe.routing import RoutingPlan
 from dlpipe.serving.batcher import Arrivals
 from dlpipe.serving.errors import ModelUnavailable, VersionNotServed
 from dlpipe.serving.served import ServedModel
 from dlpipe.serving.settings import ServeSettings
-from dlpipe.serving.sources import ModelSource, RoutingPlan
+from dlpipe.serving.sources import ModelSource
 
 log = logging.getLogger(__name__)
 

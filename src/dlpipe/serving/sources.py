@@ -1,48 +1,18 @@
 """Where served models come from: the MLflow registry, or local packages (tests, `--package`).
 
 A source answers two blocking questions, asked off the event loop:
-`plan()` -- which versions to serve and how to route between them -- and `fetch(version)` -- the
-local package directory of a version.
+`plan()` -- the `dlpipe.routing.RoutingPlan` (which versions to serve and how to route between
+them) -- and `fetch(version)` -- the local package directory of a version.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from dlpipe.tracking.ab import ABTestConfig, RoutingState, ab_config_to_dict, choose_version
+from dlpipe.routing import ABTestConfig, RoutingPlan, RoutingState
 from dlpipe.tracking.package import METADATA_FILE
-
-
-@dataclass(frozen=True)
-class RoutingPlan:
-    """The registry's routing state for one model: which versions serve, and who answers whom.
-
-    Decisions use the registry's own `choose_version`, so a sticky `X-Request-Key` lands on the
-    same version here as in `ModelRegistry.get_model_for_request`.
-    """
-
-    model_name: str
-    state: RoutingState
-
-    @property
-    def versions(self) -> frozenset[str]:
-        return frozenset(self.state.serving_versions())
-
-    def choose(self, request_key: str | None = None) -> tuple[str, str]:
-        """(version, route) for a request; sticky per `request_key` during an A/B test."""
-        return choose_version(self.state, self.model_name, request_key)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model_name": self.model_name,
-            "champion": self.state.champion,
-            "latest": self.state.latest,
-            "ab": ab_config_to_dict(self.state.ab),
-            "serving_versions": self.state.serving_versions(),
-        }
 
 
 class ModelSource(Protocol):
@@ -106,7 +76,7 @@ class LocalSource:
 class RegistrySource:
     """Follow the MLflow registry: A/B config, else the champion alias, else the latest version.
 
-    `routing_state` is the registry's cached read, invalidated by its routing signal, so polling
+    `routing_state` is the registry's cached read (`dlpipe.routing.RoutingCache`), so polling
     it every second costs a file read, not a database query.
     """
 

@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dlpipe.tracking.ab import ABTestConfig, ab_config_to_dict
+from dlpipe.routing import ABTestConfig, ab_config_to_dict
 
 
 class _UsageError(Exception):

@@ -18,6 +18,8 @@ PREPROCESSING_FILE = "preprocessing.json"
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
+MODEL_FILES = (WEIGHTS_FILE, ONNX_FILE)
+"""A package holds at least one of these."""
 
 
 def save_model_package(

@@ -24,25 +24,22 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from dlpipe.tracking.ab import ABTestConfig, ab_config_to_dict
+from dlpipe.routing import ABTestConfig, ab_config_to_dict
+from dlpipe.tracking.audit import audit_entry
 from dlpipe.tracking.metadata import ModelMetadata
-from dlpipe.tracking.registry_reader import CHAMPION, RegistryReader, ab_from_tags, check_name
-from dlpipe.tracking.registry_support import (
-    AB_TAG,
-    METADATA_TAG,
-    PACKAGE_MODEL_FILES,
+from dlpipe.tracking.package import MODEL_FILES
+from dlpipe.tracking.registry_reader import CHAMPION, RegistryReader
+from dlpipe.tracking.store import (
+    ALREADY_EXISTS,
+    NOT_FOUND,
     RegistryError,
-    audit_entry,
-    coerce_metadata,
+    check_name,
     error_code,
-    metadata_tags,
     retry_locked,
 )
+from dlpipe.tracking.tags import AB_TAG, METADATA_TAG, ab_from_tags, coerce_metadata, metadata_tags
 
 __all__ = ["ABTestConfig", "ModelRegistry", "RegistryError"]
-
-_EXISTS = "RESOURCE_ALREADY_EXISTS"
-_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 
 
 class ModelRegistry(RegistryReader):
@@ -64,8 +61,8 @@ class ModelRegistry(RegistryReader):
         package = Path(model_path)
         if not package.is_dir():
             raise RegistryError(f"model package {package} is not a directory")
-        if not any((package / f).is_file() for f in PACKAGE_MODEL_FILES):
-            raise RegistryError(f"model package {package} has none of {PACKAGE_MODEL_FILES}")
+        if not any((package / f).is_file() for f in MODEL_FILES):
+            raise RegistryError(f"model package {package} has none of {MODEL_FILES}")
         name = check_name(meta.model_name)
         if meta.parent_version not in (None, ""):
             self._version(name, str(meta.parent_version), what="parent_version")
@@ -96,8 +93,7 @@ class ModelRegistry(RegistryReader):
                 self.client.set_model_version_tag, name, meta.version, METADATA_TAG, meta.to_json()
             )
         )
-        self._routing.pop(name, None)
-        self.signal.bump()  # with no champion, "latest" answers requests: a routing change
+        self.routing.publish(name)  # with no champion, "latest" answers requests: a change
         return meta.version
 
     def promote(self, name: str, version: str | int, alias: str = CHAMPION) -> str:
@@ -105,7 +101,7 @@ class ModelRegistry(RegistryReader):
         if not alias or alias.isdigit() or alias == "latest":
             raise RegistryError(f"invalid alias {alias!r}")
         target = str(self._resolve(name, version).version)
-        previous = self._fetch_routing(name).aliases.get(alias)
+        previous = self.fetch_routing(name).aliases.get(alias)
         retry_locked(lambda: self.client.set_registered_model_alias(name, alias, target))
         self._record(name, "promote", previous, target, alias=alias)
         return target
@@ -137,7 +133,7 @@ class ModelRegistry(RegistryReader):
         """
         target = str(self._resolve(name, to_version).version)
         model = self._registered_model(name)
-        before = self._fetch_routing(name)
+        before = self.fetch_routing(name)
         ab = ab_from_tags(name, model.tags)
         retry_locked(lambda: self.client.set_registered_model_alias(name, CHAMPION, target))
         if ab is not None:
@@ -153,7 +149,7 @@ class ModelRegistry(RegistryReader):
         )
         if not signalled:
             # No shared signal (remote store): every process's cache expires within the TTL.
-            time.sleep(self.routing_ttl_s)
+            time.sleep(self.routing.ttl_s)
         return {
             "model": name,
             "from": before.champion,
@@ -170,8 +166,7 @@ class ModelRegistry(RegistryReader):
         """Append an audit entry, then publish the routing change; False without a signal."""
         key, value, _ = audit_entry(action, from_value, to_value, **detail)
         retry_locked(lambda: self.client.set_registered_model_tag(name, key, value))
-        self._routing.pop(name, None)
-        return self.signal.bump()
+        return self.routing.publish(name)
 
     def _new_run(self, name: str) -> Run:
         experiment = retry_locked(lambda: self.client.get_experiment_by_name(name))
@@ -179,7 +174,7 @@ class ModelRegistry(RegistryReader):
             try:
                 experiment_id = retry_locked(lambda: self.client.create_experiment(name))
             except MlflowException as err:  # another process created it first
-                if error_code(err) != _EXISTS:
+                if error_code(err) != ALREADY_EXISTS:
                     raise
                 found = retry_locked(lambda: self.client.get_experiment_by_name(name))
                 if found is None:
@@ -206,11 +201,11 @@ class ModelRegistry(RegistryReader):
         try:
             return retry_locked(create)
         except MlflowException as err:
-            if error_code(err) != _NOT_FOUND:
+            if error_code(err) != NOT_FOUND:
                 raise
         try:
             retry_locked(lambda: self.client.create_registered_model(name))
         except MlflowException as err:  # another process created it first
-            if error_code(err) != _EXISTS:
+            if error_code(err) != ALREADY_EXISTS:
                 raise
         return retry_locked(create)

@@ -1,11 +1,10 @@
 """`RegistryReader`: the read side of `ModelRegistry` (lookups, downloads, cached routing).
 
-Routing staleness bound: a change made through `ModelRegistry` on a local store (sqlite or
-file) is seen by every `get_model_for_request` call, in any process on the host, that starts
-after the change returned (see `routing_signal`). Changes made by other MLflow clients, and all
-changes on remote stores, are seen within `routing_ttl_s`; on remote stores `rollback` waits
-out that TTL before it returns, so "no request goes to the rolled-back version once rollback
-returned" holds there too. An unchanged registry costs one `pread` and a dict lookup per call.
+Routing reads go through a `dlpipe.routing.RoutingCache` (its staleness bound is documented
+there): a change made through `ModelRegistry` on a local store is seen by every call, in any
+process on the host, that starts after the change returned; changes made by other MLflow
+clients, and all changes on remote stores, within `routing_ttl_s` (and `rollback` waits out
+that TTL before it returns there). An unchanged registry costs one `pread` per call.
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ import os
 import random
 import re
 import shutil
-import threading
-import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -28,21 +25,21 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from dlpipe.tracking.ab import ABTestConfig, RoutingState, choose_version
-from dlpipe.tracking.metadata import ModelMetadata
-from dlpipe.tracking.registry_support import (
-    AB_TAG,
-    METADATA_TAG,
-    PACKAGE_METADATA_FILE,
-    RegistryError,
-    audit_entries,
-    error_code,
-    retry_locked,
+from dlpipe.routing import (
+    ABTestConfig,
+    RoutingCache,
+    RoutingSignal,
+    RoutingState,
+    choose_version,
+    signal_path_for,
 )
-from dlpipe.tracking.routing_signal import RoutingSignal, signal_path_for
+from dlpipe.tracking.audit import audit_entries
+from dlpipe.tracking.metadata import ModelMetadata
+from dlpipe.tracking.package import METADATA_FILE
+from dlpipe.tracking.store import NOT_FOUND, RegistryError, check_name, error_code, retry_locked
+from dlpipe.tracking.tags import METADATA_TAG, ab_from_tags
 
 CHAMPION = "champion"
-_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 
 
 class RegistryReader:
@@ -67,13 +64,11 @@ class RegistryReader:
         uri = registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or mlflow.get_tracking_uri()
         self.registry_uri = uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        self.routing_ttl_s = routing_ttl_s
-        self.signal = RoutingSignal(signal_path_for(uri) if use_routing_signal else None)
+        signal = RoutingSignal(signal_path_for(uri) if use_routing_signal else None)
+        self.routing = RoutingCache(signal, routing_ttl_s)
         root = cache_dir or os.environ.get("DLPIPE_MODEL_CACHE") or "~/.cache/dlpipe/models"
         self.cache_dir = Path(root).expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:12]
-        self._routing: dict[str, tuple[int, float, RoutingState]] = {}
         self._rng = random.Random()
-        self._lock = threading.Lock()
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -97,7 +92,7 @@ class RegistryReader:
             if METADATA_TAG in mv.tags:
                 meta = ModelMetadata.from_json(mv.tags[METADATA_TAG])
                 meta.version = str(mv.version)
-                (local / PACKAGE_METADATA_FILE).write_text(meta.to_json())
+                (local / METADATA_FILE).write_text(meta.to_json())
             try:
                 os.rename(local, dest)
             except OSError:
@@ -158,30 +153,11 @@ class RegistryReader:
 
     def routing_state(self, name: str) -> RoutingState:
         """Cached routing state; refetched when the routing signal moved or the TTL ran out."""
-        state = self._cached_routing(name)
-        if state is not None:
-            return state
-        with self._lock:  # one refresh at a time; the others then find it cached
-            state = self._cached_routing(name)
-            if state is not None:
-                return state
-            # Read the generation and the clock BEFORE querying, so the entry is never
-            # fresher than the data in it.
-            generation = self.signal.read()
-            now = time.monotonic()
-            state = self._fetch_routing(name)
-            self._routing[name] = (generation, now, state)
-            return state
+        check_name(name)
+        return self.routing.get(name, lambda: self.fetch_routing(name))
 
-    def _cached_routing(self, name: str) -> RoutingState | None:
-        cached = self._routing.get(name)
-        if cached is None or cached[0] != self.signal.read():
-            return None
-        if time.monotonic() - cached[1] >= self.routing_ttl_s:
-            return None
-        return cached[2]
-
-    def _fetch_routing(self, name: str) -> RoutingState:
+    def fetch_routing(self, name: str) -> RoutingState:
+        """The routing state read from the store now (no cache)."""
         model = self._registered_model(name)
         aliases = {alias: str(v) for alias, v in (model.aliases or {}).items()}
         ab = ab_from_tags(name, model.tags)
@@ -198,7 +174,7 @@ class RegistryReader:
         try:
             return retry_locked(lambda: self.client.get_registered_model(name))
         except MlflowException as err:
-            if error_code(err) == _NOT_FOUND:
+            if error_code(err) == NOT_FOUND:
                 raise RegistryError(f"unknown model {name!r}") from err
             raise
 
@@ -226,7 +202,7 @@ class RegistryReader:
         try:
             return retry_locked(lambda: self.client.get_model_version(name, number))
         except MlflowException as err:
-            if error_code(err) != _NOT_FOUND:
+            if error_code(err) != NOT_FOUND:
                 raise
             self._registered_model(name)  # unknown model gets its own message
             raise RegistryError(f"model {name!r} has no {what} {number}") from err
@@ -251,24 +227,6 @@ class RegistryReader:
         except MlflowException as err:
             self._registered_model(name)
             raise RegistryError(f"model {name!r} has no alias {alias!r}") from err
-
-
-def ab_from_tags(name: str, tags: dict[str, str]) -> ABTestConfig | None:
-    raw = tags.get(AB_TAG)
-    if not raw:
-        return None
-    try:
-        return ABTestConfig.from_json(raw)
-    except (ValueError, KeyError) as err:
-        raise RegistryError(f"model {name!r} has an unreadable A/B config: {err}") from err
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise RegistryError("model name must be a non-empty string")
-    if "'" in name or "\\" in name:
-        raise RegistryError(f"model name {name!r} may not contain quotes or backslashes")
-    return name
 
 
 def _slug(name: str) -> str:

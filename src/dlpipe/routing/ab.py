@@ -1,4 +1,5 @@
-"""A/B traffic split and per-request routing decisions (design: ABTestConfig, Property 25).
+"""A/B traffic split, the routing state and the per-request draw (design: ABTestConfig,
+Property 25).
 
 cfg = ABTestConfig(model_a_version="3", model_b_version="4", traffic_split=0.9)
 choose_version(RoutingState(ab=cfg), "fashion", request_key="user-17")  # sticky "3" or "4"

@@ -1,10 +1,10 @@
 """A routing generation counter beside a local MLflow store, read in about a microsecond.
 
 Every routing change made through `ModelRegistry` (alias move, A/B change, rollback, new
-version) first commits to the store and then bumps this counter. Readers compare the counter
-with the one their cached routing state was fetched under, so a change is visible to every
-call that starts after the writer returned, in any process on the host, without a database
-query per request.
+version) first commits to the store and then bumps this counter (`RoutingCache.publish`).
+Readers compare the counter with the one their cached routing state was fetched under, so a
+change is visible to every call that starts after the writer returned, in any process on the
+host, without a database query per request.
 
 The counter lives in `<sqlite db file>.dlpipe-routing` (or `<file store>/.dlpipe-routing`).
 Remote stores (http, postgres, ...) have no such file: there readers rely on the cache TTL and
