@@ -92,3 +92,27 @@ def test_only_rank_zero_writes(tmp_mlflow_uri: str, as_rank: Callable[[int], Non
     client = MlflowClient(tmp_mlflow_uri)
     assert [m.value for m in client.get_metric_history(run_id, "val/acc")] == [0.9]
     assert client.get_run(run_id).data.params == {"a": "1"}
+
+
+def test_each_registered_version_keeps_its_own_files(tmp_mlflow_uri: str, tmp_path: Path) -> None:
+    tracker = ExperimentTracker(experiment_name="versions")
+    run_id = tracker.start_run("two-versions", {})
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "weights.pt").write_text("first")
+    assert tracker.register_model(str(package), "twice") == "1"
+    (package / "weights.pt").write_text("second")
+    (package / "extra.txt").write_text("only in the second")
+    assert tracker.register_model(str(package), "twice") == "2"
+    tracker.end_run()
+
+    client = MlflowClient(tmp_mlflow_uri)
+    sources = {v: client.get_model_version("twice", v).source for v in ("1", "2")}
+    files = {}
+    for version, source in sources.items():
+        local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path / version)))
+        files[version] = {p.name: p.read_text() for p in local.iterdir()}
+    assert files["1"] == {"weights.pt": "first"}
+    assert files["2"] == {"weights.pt": "second", "extra.txt": "only in the second"}
+    assert sources["1"] != sources["2"]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"model", "model-2"}

@@ -144,7 +144,10 @@ class ExperimentTracker:
                 self.client.set_tag(run_id, key, value)
 
     def register_model(self, model_path: str, model_name: str) -> str:
-        """Upload `model_path` as the run's `model` artifact and register it as a new version.
+        """Upload `model_path` as a run artifact and register it as a new version.
+
+        The first call in a run uploads to `model`, later ones to `model-2`, `model-3`, ...:
+        a version's source must never be overwritten by the next one.
 
         Returns:
             The new version number as a string.
@@ -152,14 +155,25 @@ class ExperimentTracker:
         run_id = self._require_run()
         if not self.is_logging_rank:
             raise TrackingError("register_model is only allowed on global rank 0")
-        self.log_artifact(model_path, "model")
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
+        artifact_path = self._free_model_artifact_path(run_id)
+        self.log_artifact(model_path, artifact_path)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         try:
             self.client.get_registered_model(model_name)
         except mlflow.exceptions.MlflowException:
             self.client.create_registered_model(model_name)
         version = self.client.create_model_version(model_name, source=source, run_id=run_id)
         return str(version.version)
+
+    def _free_model_artifact_path(self, run_id: str) -> str:
+        # Asks the store rather than counting calls, so a re-attached tracker continues too.
+        taken = {a.path for a in self.client.list_artifacts(run_id)}
+        if "model" not in taken:
+            return "model"
+        n = 2
+        while f"model-{n}" in taken:
+            n += 1
+        return f"model-{n}"
 
     def end_run(self, status: str = "FINISHED") -> None:
         """Close the run (`FINISHED`, `FAILED` or `KILLED`)."""
