@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from dlpipe.serving.batcher import Arrivals, BatchStats, MicroBatcher
+from dlpipe.serving.admission import Arrivals
+from dlpipe.serving.batcher import BatchStats, MicroBatcher
 from dlpipe.serving.errors import BatcherClosed, DeadlineExceeded, Overloaded
 
 
@@ -79,7 +80,7 @@ def test_a_lone_request_with_nobody_on_the_way_runs_at_once() -> None:
         assert await asyncio.gather(first, second) == [4, 6]
         waited = time.perf_counter() - t
         await b.close()
-        assert arrivals._listeners == []  # a closed batcher no longer listens
+        assert arrivals.listeners == 0  # a closed batcher no longer listens
         return alone, waited, arrivals.count
 
     alone, waited, left = asyncio.run(main())

@@ -22,7 +22,7 @@ from serving_helpers import random_png
 
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.serving import ServeSettings, create_app
-from dlpipe.serving.lag import LoopLagMonitor
+from dlpipe.serving.admission import Admission, LoopLagMonitor
 from dlpipe.serving.loadgen import run_open_loop
 from dlpipe.serving.middleware import RequestContextMiddleware
 
@@ -52,9 +52,16 @@ class _GatedApp:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-def _shedding(inner: Any, **kwargs: Any) -> RequestContextMiddleware:
+def _shedding(
+    inner: Any, max_in_flight: int = 256, max_lag_s: float = 0.1, lag: LoopLagMonitor | None = None
+) -> RequestContextMiddleware:
+    admission = Admission(max_in_flight, max_lag_s, lag)
     return RequestContextMiddleware(
-        inner, collector=MetricsCollector(), max_body_bytes=1 << 20, access_log=False, **kwargs
+        inner,
+        collector=MetricsCollector(),
+        max_body_bytes=1 << 20,
+        access_log=False,
+        admission=admission,
     )
 
 
@@ -169,7 +176,8 @@ def test_a_model_frozen_at_start_up_is_freed_when_retired(cnn_package: Path) -> 
 def test_every_request_leaves_the_arrivals_count(cnn_package: Path) -> None:
     png = random_png(np.random.default_rng(0))
     with TestClient(create_app(ServeSettings(package=str(cnn_package)))) as client:
-        arrivals = client.app.state.arrivals  # type: ignore[attr-defined]
+        admission = client.app.state.admission  # type: ignore[attr-defined]
+        arrivals = admission.arrivals
         for kwargs, status in [
             ({"files": {"file": ("a.png", png, "image/png")}}, 200),
             ({"files": {"file": ("a.png", b"junk", "image/png")}}, 400),
@@ -180,7 +188,7 @@ def test_every_request_leaves_the_arrivals_count(cnn_package: Path) -> None:
         ]:
             url = kwargs.pop("url", "/predict")
             assert client.post(url, **kwargs).status_code == status, kwargs  # type: ignore[arg-type]
-            assert arrivals.count == 0, kwargs
+            assert arrivals.count == 0 and admission.in_flight == 0, kwargs
         assert client.get("/health").status_code == 200 and arrivals.count == 0
 
 

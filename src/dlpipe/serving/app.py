@@ -21,9 +21,8 @@ from dlpipe import __version__
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.monitoring.gpu import GpuMonitor, GpuReader
 from dlpipe.routing import RoutingPlan
-from dlpipe.serving.batcher import Arrivals
+from dlpipe.serving.admission import Admission, LoopLagMonitor
 from dlpipe.serving.errors import ServingError, error_body
-from dlpipe.serving.lag import LoopLagMonitor
 from dlpipe.serving.manager import ModelManager
 from dlpipe.serving.middleware import RequestContextMiddleware
 from dlpipe.serving.routes import health, metrics, models, predict, v2
@@ -110,7 +109,7 @@ def create_app(
     settings = settings or get_settings()
     collector = collector or MetricsCollector()
     lag = LoopLagMonitor()
-    arrivals = Arrivals()
+    admission = Admission(settings.max_in_flight, settings.loop_lag_limit_s, lag)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,7 +117,9 @@ def create_app(
         app.state.gpu_monitor = gpu
         gpu.start()
         app.state.lag_monitor = lag
-        manager = ModelManager(source or build_source(settings), settings, collector, arrivals)
+        manager = ModelManager(
+            source or build_source(settings), settings, collector, admission.arrivals
+        )
         app.state.manager = manager
         await manager.start()
         if not manager.ready:
@@ -143,7 +144,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.collector = collector
-    app.state.arrivals = arrivals
+    app.state.admission = admission
     app.state.auth = ApiKeyAuth(settings.api_keys)
     app.state.rate_limit = RateLimit(settings.rate_limit)
     # No dependency_overrides here: FastAPI re-analyses every dependency of every request
@@ -156,9 +157,6 @@ def create_app(
         collector=collector,
         max_body_bytes=settings.max_upload_bytes,
         access_log=settings.access_log,
-        max_in_flight=settings.max_in_flight,
-        lag=lag,
-        max_lag_s=settings.loop_lag_limit_s,
-        arrivals=arrivals,
+        admission=admission,
     )
     return app

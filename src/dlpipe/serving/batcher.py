@@ -10,8 +10,9 @@ max-wait timeout counted from when the oldest request arrived; with an `Arrivals
 wait is skipped (or cut short) when no other request is on its way. A batch runs on a
 dedicated thread so the event loop keeps accepting requests meanwhile; its exception reaches
 every future of the batch.
-Admission control: a full queue, or a queue so long that a new request would miss its deadline,
-answers `Overloaded` (HTTP 503 + Retry-After) at once instead of letting latency grow without end.
+A full queue, or a queue so long that a new request would miss its deadline, is refused at once
+by `dlpipe.serving.admission.check_queue` (HTTP 503 + Retry-After) instead of letting latency
+grow without end.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from dlpipe.serving.errors import BatcherClosed, DeadlineExceeded, Overloaded
+from dlpipe.serving.admission import Arrivals, check_queue
+from dlpipe.serving.errors import BatcherClosed, DeadlineExceeded
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,36 +41,6 @@ class _Pending:
     future: asyncio.Future[Any]
     enqueued_at: float
     deadline: float
-
-
-class Arrivals:
-    """Requests on their way to a batcher: admitted by the server, not yet queued.
-
-    The server counts a request in when it admits it and out when it queues it (or fails
-    before). A batcher waits `max_wait` for company only while somebody is on the way, so a
-    lone request (one client, a quiet server) runs at once instead of idling for the window.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._listeners: list[asyncio.Event] = []
-
-    def enter(self) -> None:
-        self.count += 1
-
-    def leave(self) -> None:
-        self.count -= 1
-        if self.count <= 0:
-            self.count = 0
-            for event in self._listeners:
-                event.set()  # nobody else is coming: stop waiting for a fuller batch
-
-    def listen(self, event: asyncio.Event) -> None:
-        self._listeners.append(event)
-
-    def unlisten(self, event: asyncio.Event) -> None:
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,18 +133,8 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         now = loop.time()
         queued = len(self._pending)
-        if queued >= self.capacity:
-            raise Overloaded(
-                f"model {self.name}: queue full ({queued} requests waiting)",
-                retry_after_s=max(1.0, queued * self.per_item_s),
-            )
         expected_wait = max(0.0, self._busy_until - now) + (queued + 1) * self.per_item_s
-        if expected_wait > timeout_s:
-            raise Overloaded(
-                f"model {self.name}: {queued} requests ahead; expected wait "
-                f"{expected_wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms deadline",
-                retry_after_s=expected_wait,
-            )
+        check_queue(self.name, queued, self.capacity, expected_wait, timeout_s, self.per_item_s)
         future: asyncio.Future[R] = loop.create_future()
         self._pending.append(_Pending(item, future, now, now + timeout_s))
         self._wakeup.set()

@@ -7,13 +7,13 @@ never slip between choosing a version and queueing on it.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from fastapi import Request
 
+from dlpipe.serving.admission import remaining_s
 from dlpipe.serving.errors import (
     BatcherClosed,
     DeadlineExceeded,
@@ -23,12 +23,6 @@ from dlpipe.serving.errors import (
 from dlpipe.serving.inputs import Sample
 from dlpipe.serving.manager import ModelManager
 from dlpipe.serving.served import ServedModel
-
-
-def remaining_s(request: Request, served: ServedModel) -> float:
-    """Seconds left before this request's deadline (counted from its arrival)."""
-    started = getattr(request.state, "started", time.perf_counter())
-    return served.timeout_s - (time.perf_counter() - started)
 
 
 async def infer(
@@ -42,7 +36,7 @@ async def infer(
     for _attempt in range(3):
         served, _route = manager.route(version, request_key)
         samples = make_samples(served)
-        timeout = remaining_s(request, served)
+        timeout = remaining_s(request.state, served.timeout_s)
         if timeout <= 0:
             raise DeadlineExceeded("the request deadline passed before inference started")
         futures: list[asyncio.Future[Any]] = []
@@ -58,9 +52,9 @@ async def infer(
                 f.cancel()
             raise
         request.state.model_version = served.version
-        arrivals = request.scope["state"].pop("arrivals", None)
-        if arrivals is not None:
-            arrivals.leave()  # queued: no longer on its way
+        ticket = getattr(request.state, "admission", None)
+        if ticket is not None:
+            ticket.queued()  # no longer on its way: a batcher may stop waiting for it
         return served, await _gather(served, futures, timeout)
     raise InferenceFailed("routing kept changing; try again")
 

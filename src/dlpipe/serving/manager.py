@@ -18,7 +18,7 @@ from typing import Any
 
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.routing import RoutingPlan
-from dlpipe.serving.batcher import Arrivals
+from dlpipe.serving.admission import Arrivals
 from dlpipe.serving.errors import ModelUnavailable, VersionNotServed
 from dlpipe.serving.served import ServedModel
 from dlpipe.serving.settings import ServeSettings

@@ -1,5 +1,9 @@
 """Per-request plumbing as plain ASGI (cheaper than BaseHTTPMiddleware): request id, body-size
-limit while reading, in-flight gauge, latency metrics and one JSON access-log line per request."""
+limit while reading, in-flight gauge, latency metrics and one JSON access-log line per request.
+
+Whether a request may come in at all is `dlpipe.serving.admission`'s decision; this module only
+asks it, before any parsing, and hands the admitted request its ticket.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.monitoring.logging import request_id_var
-from dlpipe.serving.batcher import Arrivals
+from dlpipe.serving.admission import Admission
 from dlpipe.serving.errors import PayloadTooLarge, error_body
-from dlpipe.serving.lag import LoopLagMonitor
 
 access_log = logging.getLogger("dlpipe.serving.access")
 log = logging.getLogger("dlpipe.serving")
@@ -39,20 +42,13 @@ class RequestContextMiddleware:
         collector: MetricsCollector,
         max_body_bytes: int,
         access_log: bool,
-        max_in_flight: int = 256,
-        lag: LoopLagMonitor | None = None,
-        max_lag_s: float = 0.1,
-        arrivals: Arrivals | None = None,
+        admission: Admission,
     ) -> None:
         self.app = app
         self.collector = collector
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
-        self.lag = lag
-        self.max_lag_s = max_lag_s
-        self.arrivals = arrivals
+        self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,10 +90,11 @@ class RequestContextMiddleware:
 
         token = request_id_var.set(request_id)
         self.collector.in_flight.inc()
-        self.in_flight += 1
+        ticket = None
         try:
             declared = _header(scope, b"content-length")
-            busy = self._busy() if scope["method"] == "POST" else None
+            inference = scope["method"] == "POST"
+            busy = self.admission.shed_reason() if inference else None
             if busy is not None:
                 # When the CPU is the bottleneck, requests queue in the event loop, not in
                 # the batcher: shed them here, before any parsing is spent on them.
@@ -111,10 +108,8 @@ class RequestContextMiddleware:
                 self.collector.record_error(err.error_type, err.message)
                 await self._send_error(send_with_id, err.status_code, err.error_type, err.message)
             else:
-                if self.arrivals is not None and scope["method"] == "POST":
-                    # On its way to a batcher until dispatch queues it (see `Arrivals`).
-                    self.arrivals.enter()
-                    state["arrivals"] = self.arrivals
+                if inference:
+                    ticket = state["admission"] = self.admission.admit()
                 await self.app(scope, receive_limited, send_with_id)
         except Exception as err:  # last resort: the process never dies on a request
             log.exception("unhandled error")
@@ -122,10 +117,8 @@ class RequestContextMiddleware:
             if not response_started:
                 await self._send_error(send_with_id, 500, "internal", "internal server error")
         finally:
-            arrived_without_queueing = state.pop("arrivals", None)
-            if arrived_without_queueing is not None:
-                arrived_without_queueing.leave()
-            self.in_flight -= 1
+            if ticket is not None:
+                ticket.release()
             self.collector.in_flight.dec()
             latency_ms = (time.perf_counter() - started) * 1000.0
             route = scope.get("route")
@@ -146,13 +139,6 @@ class RequestContextMiddleware:
                     },
                 )
             request_id_var.reset(token)
-
-    def _busy(self) -> str | None:
-        if self.in_flight > self.max_in_flight:
-            return f"{self.in_flight - 1} requests in flight"
-        if self.lag is not None and self.lag.lag_s > self.max_lag_s:
-            return f"event loop {self.lag.lag_s * 1000:.0f} ms behind"
-        return None
 
     @staticmethod
     async def _send_error(

@@ -11,7 +11,8 @@ import numpy as np
 
 from dlpipe.config import PreprocessingConfig
 from dlpipe.monitoring import MetricsCollector
-from dlpipe.serving.batcher import Arrivals, BatchStats, MicroBatcher
+from dlpipe.serving.admission import Arrivals
+from dlpipe.serving.batcher import BatchStats, MicroBatcher
 from dlpipe.serving.engine import InferenceEngine, ModelLoadError
 from dlpipe.serving.inputs import InputDecoder, Sample, softmax_top_k
 from dlpipe.serving.settings import ServeSettings
