@@ -5,7 +5,7 @@
     python benchmarks/optimize.py --skip-fashion --ablation   # ResNet-50 INT8, step by step
 
 Fashion-MNIST: a registered model (or one trained here with `dlpipe.training.train` into a
-temporary MLflow store) goes through `optimize_registered`: accuracy on the real test split,
+temporary MLflow store) goes through `optimize_version`: accuracy on the real test split,
 p50/p95 latency at batch 1, throughput at batch 32. ResNet-50 (224x224, random init: speed and
 size only) is exported, quantized and timed in the same process as its PyTorch eager baseline.
 Run it on an otherwise idle machine; `--threads` sets both torch and ONNX Runtime threads.
@@ -43,7 +43,7 @@ def _row(
 def bench_fashion(args: argparse.Namespace) -> list[Row]:
     """Variants of the default Fashion-MNIST model, gated on the real test split."""
     from dlpipe.optimize.cli import parse_model_ref
-    from dlpipe.optimize.registered import optimize_registered
+    from dlpipe.optimize.variants import optimize_version
     from dlpipe.tracking.registry import ModelRegistry
 
     if args.model:
@@ -68,7 +68,7 @@ def bench_fashion(args: argparse.Namespace) -> list[Row]:
         result = train(cfg)
         print(f"trained {result.model_name} v{result.model_version} in {time.time() - start:.0f}s")
         name, version = result.model_name, result.model_version
-    report = optimize_registered(
+    report = optimize_version(
         name, version, ["onnx", "int8", "fp16", "pruned"], args.max_accuracy_drop,
         registry=ModelRegistry(uri), register=not args.dry_run,
     )  # fmt: skip

@@ -203,8 +203,7 @@ def load(
     """Run the load generator as its own process; returns its JSON summary."""
     cmd = [
         PY,
-        "-m",
-        "dlpipe.serving.loadgen",
+        str(HERE / "loadgen.py"),
         "--url",
         url + path,
         "--clients",
@@ -455,7 +454,7 @@ def _serving(url: str) -> list[str]:
 async def _switch_under_load(
     server: Server, registry: Any, png: Path, duration: float
 ) -> dict[str, Any]:
-    from dlpipe.serving.loadgen import multipart_request, run_load
+    from loadgen import multipart_request, run_load
 
     req = [
         multipart_request(

@@ -70,9 +70,9 @@ def _optimize(
 
     Returns the rows and the parent's own batch-1 p50 latency (PyTorch eager) for comparison.
     """
-    from dlpipe.optimize.registered import optimize_registered
+    from dlpipe.optimize.variants import optimize_version
 
-    report = optimize_registered(
+    report = optimize_version(
         name,
         version,
         targets=list(cfg.optimize.targets),

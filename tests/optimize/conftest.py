@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers beside this file (weight_precision)
 
 
 class TinyCNN(nn.Module):

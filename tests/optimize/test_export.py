@@ -14,8 +14,8 @@ from dlpipe.config import PreprocessingConfig
 from dlpipe.models import create_model
 from dlpipe.optimize.onnx_export import (
     ExportError,
+    export_architecture,
     export_onnx,
-    export_registered,
     make_session,
     unsupported_ops_from_error,
 )
@@ -69,7 +69,7 @@ def test_unsupported_ops_are_found_through_chained_errors() -> None:
 def test_registry_cnn_exports_with_contract_names_and_dynamic_batch(tmp_path: Path) -> None:
     pre = PreprocessingConfig()  # Fashion-MNIST: 1x28x28
     net = create_model("simple_cnn", 10, 1, width=8)
-    result = export_registered(net, "simple_cnn", pre, tmp_path / "cnn.onnx")
+    result = export_architecture(net, "simple_cnn", pre, tmp_path / "cnn.onnx")
     model = onnx.load(str(result.path))
     assert [i.name for i in model.graph.input] == ["input"]
     assert [o.name for o in model.graph.output] == ["logits"]
@@ -89,7 +89,7 @@ def test_minilm_exports_with_dynamic_sequence_and_keeps_parity(tmp_path: Path) -
         image_size=None, channels=None, normalization_mean=None, normalization_std=None,
     )  # fmt: skip
     net = create_model("minilm", 2, pretrained=True).eval()
-    result = export_registered(net, "minilm", pre, tmp_path / "minilm.onnx")
+    result = export_architecture(net, "minilm", pre, tmp_path / "minilm.onnx")
     assert result.input_names == ["input_ids", "attention_mask"]
     assert result.max_abs_diff < 1e-4
     session = make_session(result.path)

@@ -17,10 +17,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from weight_precision import precision_violations, weight_dtypes
 
 from dlpipe.optimize.accuracy import validate_accuracy
 from dlpipe.optimize.onnx_export import export_onnx, make_session
-from dlpipe.optimize.precision import precision_violations, weight_dtypes
 from dlpipe.optimize.quantize import convert_fp16, quantize_int8_dynamic, quantize_int8_static
 
 SETTINGS = settings(

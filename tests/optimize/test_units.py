@@ -183,8 +183,9 @@ def test_cli_bad_input_is_one_line_and_nonzero(capsys: pytest.CaptureFixture[str
 
 
 def test_model_optimizer_design_interface(tmp_path: Path, cnn_factory: Any) -> None:
+    from weight_precision import precision_violations
+
     from dlpipe.optimize.optimizer import ModelOptimizer
-    from dlpipe.optimize.precision import precision_violations
 
     net = cnn_factory(1, 8, 8, 3, 0)
     opt = ModelOptimizer(net, work_dir=tmp_path, exporter="torchscript")

@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import make_biased_package, random_png
 
 from dlpipe.evaluation import ServerProcess
-from dlpipe.serving.loadgen import multipart_request, run_load
 from dlpipe.tracking.metadata import ModelMetadata
 from dlpipe.tracking.registry import ModelRegistry
+from loadgen import multipart_request, run_load
 
 WINNER = {"1": 3, "2": 5}
 

@@ -23,8 +23,8 @@ from serving_helpers import random_png
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.serving import ServeSettings, create_app
 from dlpipe.serving.admission import Admission, LoopLagMonitor
-from dlpipe.serving.loadgen import run_open_loop
 from dlpipe.serving.middleware import RequestContextMiddleware
+from loadgen import run_open_loop
 
 
 def run_async(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:

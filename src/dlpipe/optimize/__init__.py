@@ -1,5 +1,6 @@
 """Model optimization (design section 4): ONNX export with parity, INT8/FP16, pruning, TensorRT,
-the accuracy gate, and registered variants. See `ModelOptimizer` and `optimize_registered`."""
+the accuracy gate, and variants of a registered version. See `ModelOptimizer` and
+`optimize_version`."""
 
 from dlpipe.optimize.accuracy import (
     AccuracyDegradationError,
@@ -10,7 +11,6 @@ from dlpipe.optimize.accuracy import (
 )
 from dlpipe.optimize.onnx_export import ExportError, ExportResult, ParityError, export_onnx
 from dlpipe.optimize.optimizer import ModelOptimizer
-from dlpipe.optimize.precision import precision_violations, weight_dtypes
 from dlpipe.optimize.prune import PruneReport, prune_model
 from dlpipe.optimize.quantize import (
     QuantizationError,
@@ -18,8 +18,8 @@ from dlpipe.optimize.quantize import (
     quantize_int8_dynamic,
     quantize_int8_static,
 )
-from dlpipe.optimize.registered import OptimizationReport, VariantResult, optimize_registered
 from dlpipe.optimize.tensorrt import TensorRTResult, build_tensorrt_engine
+from dlpipe.optimize.variants import OptimizationReport, VariantResult, optimize_version
 
 __all__ = [
     "AccuracyDegradationError",
@@ -38,11 +38,9 @@ __all__ = [
     "convert_fp16",
     "evaluate_accuracy",
     "export_onnx",
-    "optimize_registered",
-    "precision_violations",
+    "optimize_version",
     "prune_model",
     "quantize_int8_dynamic",
     "quantize_int8_static",
     "validate_accuracy",
-    "weight_dtypes",
 ]

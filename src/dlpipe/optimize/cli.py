@@ -15,7 +15,7 @@ import re
 import sys
 from typing import Any
 
-from dlpipe.optimize.registered import TARGETS, OptimizationReport, parse_targets
+from dlpipe.optimize.variants import TARGETS, OptimizationReport, parse_targets
 
 _REF = re.compile(r"^(?P<name>[^@:]+)(?:@(?P<alias>[\w.-]+)|:(?P<version>\d+))?$")
 
@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         targets = parse_targets(args.targets) if args.targets else None
         if args.max_accuracy_drop is not None and not 0.0 <= args.max_accuracy_drop <= 1.0:
             raise ValueError("--max-accuracy-drop must be within [0, 1] (0.01 = 1 point)")
-        from dlpipe.optimize.registered import optimize_registered
+        from dlpipe.optimize.variants import optimize_version
         from dlpipe.tracking.registry import ModelRegistry
 
         registry = ModelRegistry(args.registry_uri)
-        report = optimize_registered(
+        report = optimize_version(
             name, version, targets, args.max_accuracy_drop, registry=registry,
             register=not args.dry_run, calibration_samples=args.calibration_samples,
             limit_eval_samples=args.limit_eval_samples, measure=not args.no_latency,

@@ -297,7 +297,7 @@ def publish_onnx(staged: Path, final: Path) -> None:
     os.replace(staged, final)
 
 
-def export_registered(
+def export_architecture(
     net: nn.Module,
     model_name: str,
     preprocessing: PreprocessingConfig,
@@ -307,7 +307,8 @@ def export_registered(
     atol: float = 1e-4,
     rtol: float = 1e-3,
 ) -> ExportResult:
-    """Export a `dlpipe.models` network with the contract's input/output names and dynamic axes.
+    """Export a network built from the architecture catalogue (`dlpipe.models`, by name) with
+    the contract's input/output names and dynamic axes.
 
     Images get a dynamic batch axis; text gets dynamic batch and sequence axes, and the parity
     check runs on a shorter sequence with padding so both axes are exercised.

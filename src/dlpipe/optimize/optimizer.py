@@ -6,7 +6,7 @@
     opt.quantize("fp16")
     opt.optimize_tensorrt("out/model.onnx", "out/model.plan")  # skipped in one line on CPU
 
-`optimize_registered` (in `dlpipe.optimize.registered`) drives this for a registered version.
+`optimize_version` (in `dlpipe.optimize.variants`) drives this for a registered version.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ class ModelOptimizer:
             ExportError: lists unsupported operators; `self.model` stays usable.
         """
         if input_shape is None and self.model_name and self.preprocessing:
-            from dlpipe.optimize.onnx_export import export_registered
+            from dlpipe.optimize.onnx_export import export_architecture
 
-            result = export_registered(
+            result = export_architecture(
                 self.model, self.model_name, self.preprocessing, output_path, self.opset,
                 self.exporter,
             )  # fmt: skip

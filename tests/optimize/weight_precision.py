@@ -1,4 +1,4 @@
-"""Which precision an ONNX file stores its weights in (design Property 9).
+"""Test helper: which precision an ONNX file stores its weights in (design Property 9).
 
 A *weight* is a stored tensor (initializer or Constant) that feeds the weight input of a
 weight-bearing op: Conv/ConvTranspose kernels, Gemm/MatMul matrices, Gather embedding tables,

@@ -14,9 +14,9 @@ from typing import Any
 import onnx
 import pytest
 import torch
+from weight_precision import precision_violations
 
 from dlpipe.optimize.cli import main
-from dlpipe.optimize.precision import precision_violations
 
 NAME = "fmnist_opt_test"
 

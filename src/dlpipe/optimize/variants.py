@@ -1,6 +1,6 @@
-"""Optimize a registered model version into gated, registered variants.
+"""Variants of a version in the MLflow Model Registry: built, gated, timed and registered.
 
-    report = optimize_registered("fashion_mnist_cnn", "champion", ["onnx", "int8", "fp16"])
+    report = optimize_version("fashion_mnist_cnn", "champion", ["onnx", "int8", "fp16"])
 
 Each target is built from the parent's PyTorch weights, evaluated on the real held-out test
 split (`dlpipe.data.build_datamodule` on the package's config.yaml), timed at batch 1, and
@@ -27,7 +27,7 @@ from dlpipe.optimize.accuracy import (
     validate_accuracy,
 )
 from dlpipe.optimize.latency import LatencyStats, measure_latency
-from dlpipe.optimize.onnx_export import ExportError, export_registered
+from dlpipe.optimize.onnx_export import ExportError, export_architecture
 from dlpipe.optimize.optimizer import ModelOptimizer
 from dlpipe.optimize.quantize import QuantizationError, onnx_size_mb
 
@@ -87,7 +87,7 @@ def parse_targets(text: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(targets))
 
 
-def optimize_registered(
+def optimize_version(
     name: str,
     version_or_alias: str | int | None,
     targets: Sequence[str] | None = None,
@@ -246,7 +246,9 @@ def _pruned_onnx(
     pruned, report = optimizer.prune(opt_cfg.prune_sparsity, opt_cfg.prune_method, batches, epochs)
     path = ctx.work / "model.pruned.onnx"
     assert optimizer.model_name and optimizer.preprocessing
-    export_registered(pruned, optimizer.model_name, optimizer.preprocessing, path, optimizer.opset)
+    export_architecture(
+        pruned, optimizer.model_name, optimizer.preprocessing, path, optimizer.opset
+    )
     return path, report.to_dict()
 
 

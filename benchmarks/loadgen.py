@@ -1,6 +1,6 @@
 """A light closed-loop HTTP load generator (raw asyncio streams, keep-alive, pre-encoded bodies).
 
-    python -m dlpipe.serving.loadgen --url http://127.0.0.1:8000/predict --file a.png \
+    python benchmarks/loadgen.py --url http://127.0.0.1:8000/predict --file a.png \
         --clients 32 --duration 10
 
 Each client sends a request, waits for the whole response, records the latency, and sends the
