@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from PIL import Image
 
 from dlpipe.config import PreprocessingConfig
 from dlpipe.data import DataPreprocessor
+
+sys.path.insert(0, str(Path(__file__).parent))  # text_helpers, as tests/serving does
 
 
 def _encode(array: np.ndarray, fmt: str = "PNG") -> bytes:

@@ -9,6 +9,9 @@ normalize. Augmentation (random horizontal flip + padded random crop) works on t
 with augmentation off, or its random draw fixed to identity, training and inference run exactly the
 same code and give bit-identical outputs (design Property 20). Normalization is a per-channel
 lookup table over the 256 possible byte values: exact, and the same result for one image or many.
+
+Text goes through a `tokenizers` tokenizer.json (no transformers, no torch: serving imports this
+module); torch is imported only by the methods that return tensors, for training.
 """
 
 from __future__ import annotations
@@ -19,20 +22,25 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from dlpipe.config import PreprocessingConfig
+
+if TYPE_CHECKING:  # serving imports this module without torch installed
+    import torch
+    from tokenizers import Tokenizer
 
 # PIL mode for each channel count; everything else is converted to one of these.
 _MODE_FOR_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 # 8-bit modes Pillow converts faithfully; 16-bit, 32-bit int and float images are refused.
 _SUPPORTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
 RESIZE_INTERPOLATION = Image.Resampling.BILINEAR
+# The `tokenizers` file a text model tokenizes with; a model package carries its own copy.
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class InvalidInputError(ValueError):
@@ -52,23 +60,83 @@ class AugmentParams:
         return cls(np.zeros(n, dtype=bool), np.full((n, 2), pad, dtype=np.int64))
 
 
-@lru_cache(maxsize=8)
-def _load_tokenizer(name: str) -> tuple[Any, threading.Lock]:
-    from transformers import AutoTokenizer
-
+def resolve_tokenizer_file(name: str) -> Path:
+    """The tokenizer.json for a `tokenizer_name`: `minilm`, a directory holding one, or the file."""
     if name == "minilm":
         from dlpipe.models.pretrained import minilm_dir
 
-        path = str(minilm_dir())
+        path = minilm_dir() / TOKENIZER_FILE
     else:
-        path = name
-        if not Path(path).exists():
+        given = Path(name)
+        if not given.exists():
             raise ValueError(
                 f"tokenizer_name {name!r} is neither 'minilm' nor an existing local directory"
             )
-    # A fast tokenizer must not be called from two threads at once (it mutates its padding
-    # state), so each cached tokenizer comes with its own lock.
-    return AutoTokenizer.from_pretrained(path, local_files_only=True), threading.Lock()
+        path = given / TOKENIZER_FILE if given.is_dir() else given
+    if not path.is_file():
+        raise ValueError(f"no {TOKENIZER_FILE} at {path} (tokenizer_name {name!r})")
+    return path
+
+
+def _special_token(value: Any) -> str | None:
+    # tokenizer_config.json writes special tokens as strings or as AddedToken dicts.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _padding_settings(file: Path, tokenizer: Tokenizer) -> tuple[str, str, str]:
+    """(pad token, padding side, truncation side), resolved as transformers resolves them.
+
+    tokenizer_config.json / special_tokens_map.json beside the file win over the file's own
+    padding and truncation sections (transformers' order); a package's copy carries both.
+    """
+    settings: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later file wins
+        side_file = file.parent / name
+        if side_file.is_file():
+            try:
+                settings.update(json.loads(side_file.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{side_file}: not valid JSON: {err}") from None
+    own_padding = tokenizer.padding or {}
+    own_truncation = tokenizer.truncation or {}
+    pad = _special_token(settings.get("pad_token")) or own_padding.get("pad_token")
+    if pad is None:
+        raise ValueError(f"{file}: the tokenizer has no padding token, so it cannot pad")
+    padding_side = settings.get("padding_side") or own_padding.get("direction", "right")
+    truncation_side = settings.get("truncation_side") or own_truncation.get("direction", "right")
+    return str(pad), str(padding_side), str(truncation_side)
+
+
+@lru_cache(maxsize=8)
+def _load_tokenizer(file: str, max_length: int) -> tuple[Tokenizer, threading.Lock]:
+    """A `tokenizers` tokenizer that truncates and pads every text to `max_length` tokens."""
+    from tokenizers import Tokenizer
+
+    path = Path(file)
+    try:
+        tokenizer = Tokenizer.from_file(file)
+    except Exception as err:  # the Rust side raises a bare Exception on malformed files
+        raise ValueError(f"{path}: not a tokenizers {TOKENIZER_FILE}: {err}") from None
+    special = tokenizer.num_special_tokens_to_add(False)
+    if max_length <= special:
+        raise ValueError(
+            f"max_sequence_length={max_length} is too short: the "
+            f"tokenizer adds {special} special tokens; use at least {special + 1}"
+        )
+    pad_token, padding_side, truncation_side = _padding_settings(path, tokenizer)
+    pad_id = tokenizer.token_to_id(pad_token)
+    if pad_id is None:
+        raise ValueError(f"{path}: padding token {pad_token!r} is not in the vocabulary")
+    # Same settings as transformers' padding="max_length", truncation=True (longest_first).
+    tokenizer.enable_truncation(max_length, direction=truncation_side)
+    tokenizer.enable_padding(
+        direction=padding_side, pad_id=pad_id, pad_token=pad_token, length=max_length
+    )
+    # Encoding while another thread (re)configures would fail ("already borrowed"); the
+    # settings are fixed once here, and each cached tokenizer still comes with its own lock.
+    return tokenizer, threading.Lock()
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -108,29 +176,35 @@ def decode_image(data: bytes) -> Image.Image:
 class DataPreprocessor:
     """Transforms for one `PreprocessingConfig`, shared by training and inference."""
 
-    def __init__(self, config: PreprocessingConfig):
-        self._apply(config)
+    def __init__(self, config: PreprocessingConfig, tokenizer_file: str | Path | None = None):
+        """`tokenizer_file`: a tokenizer.json to use instead of `config.tokenizer_name`'s (a
+        model package's own copy, so serving needs no tokenizer package installed)."""
+        self._apply(config, None if tokenizer_file is None else Path(tokenizer_file))
 
-    def __reduce__(self) -> tuple[type[DataPreprocessor], tuple[PreprocessingConfig]]:
+    def __reduce__(
+        self,
+    ) -> tuple[type[DataPreprocessor], tuple[PreprocessingConfig, Path | None]]:
         # Pickle the config only (DataLoader workers, Ray): locks and tokenizers are rebuilt.
-        return (type(self), (self.config,))
+        return (type(self), (self.config, self.tokenizer_file))
 
     # -- configuration ---------------------------------------------------------------------
 
-    def _apply(self, config: PreprocessingConfig) -> None:
+    def _apply(self, config: PreprocessingConfig, tokenizer_file: Path | None) -> None:
         self.config = config
         self.is_text = config.task_type == "text_classification"
-        self._tokenizer: Any = None
+        self.tokenizer_file: Path | None = None
+        self._tokenizer: Tokenizer | None = None
         self._tokenizer_lock = threading.Lock()
         if self.is_text:
             assert config.tokenizer_name is not None and config.max_sequence_length is not None
-            self._tokenizer, self._tokenizer_lock = _load_tokenizer(config.tokenizer_name)
-            special = int(self._tokenizer.num_special_tokens_to_add(pair=False))
-            if config.max_sequence_length <= special:
-                raise ValueError(
-                    f"max_sequence_length={config.max_sequence_length} is too short: the "
-                    f"tokenizer adds {special} special tokens; use at least {special + 1}"
-                )
+            if tokenizer_file is None:
+                tokenizer_file = resolve_tokenizer_file(config.tokenizer_name)
+            elif not tokenizer_file.is_file():
+                raise ValueError(f"tokenizer file not found: {tokenizer_file}")
+            self.tokenizer_file = tokenizer_file.resolve()
+            self._tokenizer, self._tokenizer_lock = _load_tokenizer(
+                str(self.tokenizer_file), config.max_sequence_length
+            )
             return
         assert config.image_size is not None
         self.channels = config.channels or 1
@@ -155,19 +229,35 @@ class DataPreprocessor:
         """Write the preprocessing configuration as JSON (what a model package stores)."""
         Path(path).write_text(self.config.model_dump_json(indent=2))
 
-    def load_config(self, path: str | Path) -> None:
+    def save_tokenizer(self, path: str | Path) -> Path:
+        """Write the tokenizer as configured here (truncation, padding) as a tokenizer.json.
+
+        The copy needs no tokenizer_config.json beside it: its padding section names the pad
+        token, so `DataPreprocessor(config, tokenizer_file=path)` tokenizes exactly like this.
+        """
+        if self._tokenizer is None:
+            raise ValueError("this preprocessor is for images; it has no tokenizer to save")
+        with self._tokenizer_lock:
+            text = self._tokenizer.to_str()
+        out = Path(path)
+        out.write_text(text, encoding="utf-8")
+        return out
+
+    def load_config(self, path: str | Path, tokenizer_file: str | Path | None = None) -> None:
         """Replace this preprocessor's configuration with the JSON file at `path`.
 
         The new transforms are built first: on any error this preprocessor stays as it was.
         """
-        fresh = type(self)(_read_config(path))
+        fresh = type(self)(_read_config(path), tokenizer_file)
         self.__dict__.clear()
         self.__dict__.update(fresh.__dict__)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> DataPreprocessor:
+    def from_file(
+        cls, path: str | Path, tokenizer_file: str | Path | None = None
+    ) -> DataPreprocessor:
         """A preprocessor for the configuration saved at `path`."""
-        return cls(_read_config(path))
+        return cls(_read_config(path), tokenizer_file)
 
     # -- public entry points ---------------------------------------------------------------
 
@@ -182,6 +272,8 @@ class DataPreprocessor:
         The random draw comes from `generator` (torch's global RNG when None) unless `params`
         gives it explicitly. Text has no augmentation.
         """
+        import torch
+
         if self.is_text:
             return self.preprocess_inference(sample)
         batch = self.prepare_image(sample)[None]
@@ -189,6 +281,8 @@ class DataPreprocessor:
 
     def preprocess_inference(self, sample: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         """One raw sample → model input, deterministic (no augmentation)."""
+        import torch
+
         if self.is_text:
             encoded = self.tokenize([sample])
             return {k: torch.from_numpy(v[0]) for k, v in encoded.items()}
@@ -249,6 +343,8 @@ class DataPreprocessor:
 
     def draw_augmentation(self, n: int, generator: torch.Generator | None = None) -> AugmentParams:
         """Random flip and crop offsets for `n` images, from torch's RNG (seedable, per worker)."""
+        import torch
+
         flip = torch.rand(n, generator=generator) < 0.5
         shift = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=generator)
         return AugmentParams(flip.numpy(), shift.numpy().astype(np.int64))
@@ -290,18 +386,13 @@ class DataPreprocessor:
                 raise InvalidInputError(f"{where}empty text")
         if self.config.lowercase:
             texts = [t.lower() for t in texts]
+        assert self._tokenizer is not None
         with self._tokenizer_lock:
-            encoded = self._tokenizer(
-                texts,
-                padding="max_length",
-                truncation=True,
-                max_length=self.config.max_sequence_length,
-                return_token_type_ids=False,
-                return_tensors="np",
-            )
+            encoded = self._tokenizer.encode_batch(texts)
+        # Every encoding is padded/truncated to max_sequence_length, so the rows stack.
         return {
-            "input_ids": np.ascontiguousarray(encoded["input_ids"], dtype=np.int64),
-            "attention_mask": np.ascontiguousarray(encoded["attention_mask"], dtype=np.int64),
+            "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
         }
 
 

@@ -5,6 +5,7 @@ Every failure is an `InvalidRequest` (HTTP 400) whose message says what was wron
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,13 +19,20 @@ Sample = np.ndarray | dict[str, np.ndarray]
 class InputDecoder:
     """Turns uploaded image bytes or text into one model input sample (no batch dimension)."""
 
-    def __init__(self, preprocessing: PreprocessingConfig, *, resize_inputs: bool = True) -> None:
+    def __init__(
+        self,
+        preprocessing: PreprocessingConfig,
+        *,
+        resize_inputs: bool = True,
+        tokenizer_file: Path | None = None,
+    ) -> None:
         from dlpipe.data import DataPreprocessor
 
         self.config = preprocessing
         self.task = preprocessing.task_type
         self.resize_inputs = resize_inputs
-        self._pre: Any = DataPreprocessor(preprocessing)
+        # A package's own tokenizer.json, if it has one (then no tokenizer package is needed).
+        self._pre: Any = DataPreprocessor(preprocessing, tokenizer_file=tokenizer_file)
 
     def image(self, data: bytes, field: str = "file") -> np.ndarray:
         """Decode and preprocess one uploaded image (PNG/JPEG) to float32 C×H×W."""

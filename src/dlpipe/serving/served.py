@@ -16,7 +16,7 @@ from dlpipe.serving.batcher import BatchStats, MicroBatcher
 from dlpipe.serving.engine import InferenceEngine, ModelLoadError
 from dlpipe.serving.inputs import InputDecoder, Sample, softmax_top_k
 from dlpipe.serving.settings import ServeSettings
-from dlpipe.tracking.package import PREPROCESSING_FILE
+from dlpipe.tracking.package import PREPROCESSING_FILE, TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,15 @@ class ServedModel:
         settings: ServeSettings,
         collector: MetricsCollector,
         arrivals: Arrivals | None = None,
+        tokenizer_file: Path | None = None,
     ) -> None:
         self.model_name = model_name
         self.version = version
         self.engine = engine
         self.preprocessing = preprocessing
-        self.decoder = InputDecoder(preprocessing, resize_inputs=settings.resize_inputs)
+        self.decoder = InputDecoder(
+            preprocessing, resize_inputs=settings.resize_inputs, tokenizer_file=tokenizer_file
+        )
         self.collector = collector
         self.timeout_s = settings.request_timeout_ms / 1000.0
         self.batcher: MicroBatcher[Sample, np.ndarray] = MicroBatcher(
@@ -80,7 +83,17 @@ class ServedModel:
             path, settings.device, intra_op_threads=settings.ort_intra_op_threads
         )
         preprocessing = _read_preprocessing(path, engine)
-        served = cls(model_name, version, engine, preprocessing, settings, collector, arrivals)
+        tokenizer = (path if path.is_dir() else path.parent) / TOKENIZER_FILE
+        served = cls(
+            model_name,
+            version,
+            engine,
+            preprocessing,
+            settings,
+            collector,
+            arrivals,
+            tokenizer_file=tokenizer if tokenizer.is_file() else None,
+        )
         if settings.warmup:
             sizes = sorted({1, min(8, settings.max_batch_size), settings.max_batch_size})
             engine.warmup(tuple(sizes))

@@ -1,17 +1,22 @@
 """A model package: the plain directory a registry version stores (see docs/architecture.md).
 
-<dir>/config.yaml  preprocessing.json  metadata.json  weights.pt | model.onnx
+<dir>/config.yaml  preprocessing.json  metadata.json  weights.pt | model.onnx  [tokenizer.json]
+
+Serving imports the file names from here, so torch is imported only by the functions that read
+or write weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dlpipe.config import PipelineConfig, load_config, save_config
+from dlpipe.data.preprocessing import TOKENIZER_FILE  # text packages: <dir>/tokenizer.json
 from dlpipe.tracking.metadata import ModelMetadata
+
+if TYPE_CHECKING:
+    from torch import nn
 
 CONFIG_FILE = "config.yaml"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -28,9 +33,12 @@ def save_model_package(
     metadata: ModelMetadata,
     net: nn.Module | None = None,
     onnx_path: str | Path | None = None,
+    tokenizer_file: str | Path | None = None,
 ) -> Path:
     """Write a package directory with a PyTorch state_dict and/or an ONNX file.
 
+    A text model's package also gets the tokenizer it was trained with (`tokenizer_file`, else
+    the one `cfg.preprocessing.tokenizer_name` names) as `tokenizer.json`.
     `metadata.model_size_mb` is filled from the weights file written here when it is 0.
     """
     if net is None and onnx_path is None:
@@ -39,8 +47,15 @@ def save_model_package(
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / CONFIG_FILE)
     (out / PREPROCESSING_FILE).write_text(cfg.preprocessing.model_dump_json(indent=2))
+    if cfg.preprocessing.task_type == "text_classification":
+        from dlpipe.data.preprocessing import DataPreprocessor
+
+        pre = DataPreprocessor(cfg.preprocessing, tokenizer_file=tokenizer_file)
+        pre.save_tokenizer(out / TOKENIZER_FILE)
     model_file: Path
     if net is not None:
+        import torch
+
         model_file = out / WEIGHTS_FILE
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         torch.save(state, model_file)
@@ -89,6 +104,8 @@ def load_package_metadata(directory: str | Path) -> ModelMetadata:
 
 def load_torch_model(directory: str | Path) -> nn.Module:
     """Rebuild the network from a package's config and load its weights (eval mode)."""
+    import torch
+
     from dlpipe.models import create_model
 
     d = Path(directory)
