@@ -295,3 +295,46 @@ def test_each_error_increments_its_counter_and_is_logged(
     logged = [rec for rec in caplog.records if getattr(rec, "error_type", None) == error_type]
     assert len(logged) == 1
     assert getattr(logged[0], "detail", "")
+
+
+def test_scrape_reports_live_throughput_and_in_flight(cnn_package: Path) -> None:
+    """`dlpipe_throughput_rps` and the JSON snapshot's `in_flight` follow real traffic."""
+    settings_ = ServeSettings(package=str(cnn_package), access_log=False, gpu_poll_interval_s=3600)
+    app = create_app(settings_)
+    with TestClient(app) as c:
+        assert sample_value(app, "dlpipe_throughput_rps") == 0.0
+        for _ in range(20):
+            assert c.post("/predict", files=upload(random_png(np.random.default_rng(1)))).is_success
+        rps = sample_value(app, "dlpipe_throughput_rps")
+        snapshot = c.get("/metrics", params={"format": "json"}).json()
+        assert snapshot["in_flight"] == 1  # the scrape itself is in flight while it is taken
+        assert rps > 0 and rps == pytest.approx(snapshot["throughput_rps"], rel=0.5)
+
+
+def test_an_expired_request_is_counted_once_where_it_is_answered(cnn_package: Path) -> None:
+    """A request that expires in the queue gets its 504 (and its one `timeout` count) from the
+    error handler; the batcher's own statistics must not count it a second time."""
+    from dlpipe.serving.batcher import BatchStats
+
+    app = create_app(ServeSettings(package=str(cnn_package), access_log=False))
+    with TestClient(app):
+        served, _ = app.state.manager.route()
+        assert served.batcher.on_batch is not None
+        served.batcher.on_batch(BatchStats(1, (0.001,), 0.001, expired=2))
+        assert sample_value(app, "dlpipe_errors_total", {"error_type": "timeout"}) == 0
+
+
+def test_a_failed_model_load_is_logged_with_its_traceback(
+    tmp_path: Path, cnn_package: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cnn_package, broken)
+    (broken / "model.onnx").write_bytes(b"not a graph")
+    with caplog.at_level(logging.ERROR, logger="dlpipe.serving"):
+        with TestClient(create_app(ServeSettings(package=str(broken), access_log=False))) as c:
+            assert c.get("/ready").status_code == 503
+    failed = [r for r in caplog.records if "failed" in r.getMessage() and r.exc_info]
+    assert failed, [r.getMessage() for r in caplog.records]
+    assert "ModelLoadError" in caplog.text

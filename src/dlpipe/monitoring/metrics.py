@@ -158,7 +158,7 @@ class MetricsCollector:
         self.up = Gauge("dlpipe_up", "1 while the server process runs.", registry=r)
         self.throughput = Gauge(
             "dlpipe_throughput_rps",
-            "Last throughput reported through record_throughput (prefer rate() on counters).",
+            "Requests per second over the recent window (dashboards: rate() on the counters).",
             registry=r,
         )
         self.up.set(1)
@@ -166,7 +166,9 @@ class MetricsCollector:
         # (monotonic time, latency in ms) of recent requests, for get_metrics().
         self._recent: deque[tuple[float, float]] = deque(maxlen=max_samples)
         self._request_count = 0
-        self._in_flight = 0
+        self._external_rps: float | None = None
+        # Computed when scraped, so it is live without a timer; see `record_throughput`.
+        self.throughput.set_function(self._throughput_now)
         self._errors_by_type: CountByKey[str] = CountByKey()
         self._gpu: dict[str, dict[str, float]] = {}
         self._started = time.monotonic()
@@ -206,14 +208,10 @@ class MetricsCollector:
     def track_in_flight(self) -> Iterator[None]:
         """Count the enclosed block as one in-flight request."""
         self.in_flight.inc()
-        with self._lock:
-            self._in_flight += 1
         try:
             yield
         finally:
             self.in_flight.dec()
-            with self._lock:
-                self._in_flight -= 1
 
     def record_route(self, model_name: str, model_version: str, route: str) -> None:
         """Count one routing decision (`pinned`, `ab_a`, `ab_b` or `champion`)."""
@@ -222,8 +220,21 @@ class MetricsCollector:
         self.routed_requests.labels(model_name, str(model_version), route).inc()
 
     def record_throughput(self, requests_per_second: float) -> None:
-        """Keep an externally measured throughput in `dlpipe_throughput_rps`."""
-        self.throughput.set(_check_non_negative("requests_per_second", requests_per_second))
+        """Report an externally measured throughput in `dlpipe_throughput_rps` (the design's
+        interface); without one, the gauge shows the rate over the recent window."""
+        self._external_rps = _check_non_negative("requests_per_second", requests_per_second)
+
+    def _throughput_now(self) -> float:
+        if self._external_rps is not None:
+            return self._external_rps
+        now = time.monotonic()
+        count = 0
+        with self._lock:
+            for t, _ in reversed(self._recent):  # newest first: stop at the window's edge
+                if now - t > self.window_s:
+                    break
+                count += 1
+        return count / min(self.window_s, max(now - self._started, 1.0))
 
     # -- batching ---------------------------------------------------------------------------
     def record_batch(
@@ -296,7 +307,6 @@ class MetricsCollector:
             total = self._request_count
             errors = dict(self._errors_by_type)
             gpus = {k: dict(v) for k, v in self._gpu.items()}
-            in_flight = self._in_flight
         span = min(self.window_s, max(now - self._started, 1.0))
         latencies = sorted(ms for _, ms in recent)
         latency: dict[str, float | None] = {"p50_ms": None, "p95_ms": None, "p99_ms": None}
@@ -314,7 +324,7 @@ class MetricsCollector:
             "latency": latency,
             "errors_total": sum(errors.values()),
             "errors_by_type": errors,
-            "in_flight": in_flight,
+            "in_flight": int(self.in_flight.collect()[0].samples[0].value),
             "gpus": gpus,
         }
 

@@ -158,6 +158,7 @@ class ModelManager:
                 self.arrivals,
             )
         except Exception as err:
+            log.exception("loading version %s of %r failed", version, self.model_name)
             self._failed[version] = time.monotonic()
             self._fail("model_load", f"version {version} of {self.model_name!r} failed: {err}")
             return None

@@ -131,9 +131,8 @@ class ServedModel:
         self.collector.record_batch(stats.size, waits[0], stats.inference_s, self.version)
         for wait in waits[1:]:  # one queue-wait observation per request, not per batch
             self.collector.queue_wait.labels(self.version).observe(wait)
-        if stats.expired:
-            for _ in range(stats.expired):
-                self.collector.record_error("timeout", f"expired in the queue of {self.version}")
+        # Expired requests are not counted here: each gets its 504, and its one `timeout`
+        # count, from the error handler that answers it.
 
     async def infer(self, sample: Sample, timeout_s: float | None = None) -> np.ndarray:
         """Logits for one sample, batched with whatever else is in flight."""
