@@ -47,6 +47,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class JsonLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler `configure_logging` installs (so a second call can find and replace it)."""
+
+
 def configure_logging(level: str | int = "INFO", stream: IO[str] | None = None) -> logging.Handler:
     """Send every log record of the process as JSON lines to `stream` (stderr by default).
 
@@ -58,11 +62,10 @@ def configure_logging(level: str | int = "INFO", stream: IO[str] | None = None) 
             raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
         level = resolved
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_dlpipe_json", False)]:
+    for old in [h for h in root.handlers if isinstance(h, JsonLogHandler)]:
         root.removeHandler(old)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = JsonLogHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter())
-    handler._dlpipe_json = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     return handler

@@ -146,12 +146,13 @@ class InferenceEngine:
             if name not in batch:
                 raise ShapeMismatchError(f"missing input {name!r}; model takes {self.input_names}")
             arr = np.asarray(batch[name])
-            self._check_shape(name, arr.shape, spec["shape"])
+            self.check_shape(name, arr.shape, spec["shape"])
             feed[name] = np.ascontiguousarray(arr, dtype=spec["dtype"])
         return feed
 
     @staticmethod
-    def _check_shape(name: str, got: tuple[int, ...], expected: list[Any]) -> None:
+    def check_shape(name: str, got: tuple[int, ...], expected: list[Any]) -> None:
+        """Raise `ShapeMismatchError` unless `got` fits `expected` (dynamic axes match anything)."""
         if len(got) != len(expected):
             raise ShapeMismatchError(
                 f"input {name!r} has {len(got)} dimensions {list(got)}; "

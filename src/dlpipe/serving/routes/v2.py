@@ -90,7 +90,7 @@ def _samples(body: dict[str, Any]) -> Any:
             raise InvalidRequest(f"model inputs are {engine.input_names}; got {sorted(tensors)}")
         for spec in engine.inputs:
             try:
-                engine._check_shape(spec["name"], tensors[spec["name"]].shape, spec["shape"])
+                engine.check_shape(spec["name"], tensors[spec["name"]].shape, spec["shape"])
             except ShapeMismatchError as err:
                 raise InvalidRequest(str(err)) from None
         n = next(iter(sizes))
