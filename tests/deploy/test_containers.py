@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,47 @@ def test_dockerfile_copies_only_paths_that_exist_and_pins_torch(name: str) -> No
             for src in sources:
                 assert (ROOT / src).exists(), f"{name}: COPY source {src} missing"
     text = (DEPLOY / name).read_text()
-    assert "torch==2.14.1" in text and "torchvision==0.29.1" in text
+    # Training builds install torch themselves (CPU or CUDA wheels): always the project's pins.
+    assert set(re.findall(r"\btorch==([\w.+]+)", text)) == {"2.14.1"}
+    assert set(re.findall(r"\btorchvision==([\w.+]+)", text)) == {"0.29.1"}
     ignore = (DEPLOY / f"{name}.dockerignore").read_text()
     assert "**" in ignore.splitlines() and "!src/**" in ignore.splitlines()
 
 
-def test_cpu_image_uses_cpu_torch_wheels() -> None:
-    assert "download.pytorch.org/whl/cpu" in (DEPLOY / "Dockerfile").read_text()
+def _builder_runs(name: str) -> tuple[dict[str, str], list[str]]:
+    """The builder stage's ARG defaults and RUN commands."""
+    builder = _stages(_instructions(DEPLOY / name))[0]
+    args = dict(a.split("=", 1) for k, a in builder if k == "ARG" and "=" in a)
+    return args, [a for k, a in builder if k == "RUN"]
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_images_install_the_serve_extra_by_default_and_refuse_a_framework(name: str) -> None:
+    args, runs = _builder_runs(name)
+    assert args["EXTRAS"] == "serve"
+    (install,) = [r for r in runs if 'pip install ".[${EXTRAS}]"' in r]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(args["EXTRAS"].split(",")) <= set(extras["optional-dependencies"])
+    # torch is installed only on the branch a training build takes.
+    for run in runs:
+        for line in run.split(";;"):
+            if "torch==" in line:
+                assert "*,train,*" in line, line
+    # The serving build imports the server and fails if a training framework came along.
+    probe = install[install.index('if [ "${EXTRAS}" = serve ]') :]
+    assert "dlpipe.serving.app" in probe and "assert not bad" in probe
+    assert all(f"'{m}'" in probe for m in ("torch", "lightning", "ray", "transformers"))
+
+
+def test_cuda_image_swaps_in_onnxruntime_gpu() -> None:
+    args, runs = _builder_runs("Dockerfile.cuda")
+    assert args["ONNXRUNTIME_GPU"].startswith("onnxruntime-gpu==")
+    (install,) = [r for r in runs if 'pip install ".[${EXTRAS}]"' in r]
+    steps = [s.strip() for s in install.split("&&")]
+    swap = steps.index("pip uninstall -y onnxruntime")
+    assert steps[swap + 1] == 'pip install "${ONNXRUNTIME_GPU}"'
+    assert steps.index('pip install ".[${EXTRAS}]"') < swap
+    assert "CUDAExecutionProvider" in install
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +197,14 @@ def test_compose_mounts_files_that_exist(compose: dict[str, Any]) -> None:
 
 
 def test_compose_builds_the_image_from_the_repository_root(compose: dict[str, Any]) -> None:
+    services = compose["services"]
     for name in ("mlflow", "dlpipe", "train"):
-        build = compose["services"][name]["build"]
+        build = services[name]["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
-    assert compose["services"]["train"]["profiles"] == ["train"]
+    assert services["train"]["profiles"] == ["train"]
+    # The server's image is [serve] only; MLflow's server (full mlflow) and training get [train].
+    assert services["dlpipe"]["build"]["args"]["EXTRAS"] == "serve"
+    for name in ("mlflow", "train"):
+        assert "train" in services[name]["build"]["args"]["EXTRAS"].split(","), name
+    # Different extras, different tags: one build must not overwrite the other's image.
+    assert services["dlpipe"]["image"] != services["train"]["image"] == services["mlflow"]["image"]
