@@ -5,6 +5,10 @@ both driven over HTTP by a separate closed-loop load process, plus in-process ON
     python benchmarks/serve.py --scenario cnn --duration 10
     python benchmarks/serve.py --scenario resnet --scenario overload --scenario rollback
 
+With `--baseline-src DIR` (the `src/` of another checkout, e.g. a `git worktree` of the commit
+before a change), every `dlpipe serve` measurement of the `cnn` and `resnet` scenarios is repeated
+on that code under the same load, in the same run: before/after figures for a change.
+
 Scenarios: `cnn` (Fashion-MNIST CNN, 28x28 PNG uploads, 32 clients), `resnet` (ResNet-50
 224x224 JPEG uploads, INT8 variant, 1 and 8 clients), `overload` (open-loop arrivals at 2x what
 the server sustained, then 0.5x to show recovery), `rollback` (promotion then rollback in the
@@ -30,6 +34,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
+BASELINE_SRC: str | None = None
+"""`--baseline-src`: measure our server again with this source tree first on PYTHONPATH."""
 
 
 # --------------------------------------------------------------------------- models
@@ -249,8 +255,14 @@ def _measure_ours(
     duration: float,
     *extra: str,
     path: str = "/predict",
+    src: str | None = None,
 ) -> tuple[dict[str, Any], float]:
-    """`dlpipe serve` on `pkg`: a warm-up run, then the measured one; (summary, mean batch)."""
+    """`dlpipe serve` on `pkg`: a warm-up run, then the measured one; (summary, mean batch).
+
+    `src`: run the server from this source tree instead (the baseline of a before/after run).
+    """
+    if src is not None:
+        env = {**env, "PYTHONPATH": src}
     server = Server("dlpipe", ["--package", str(pkg)], env, log)
     try:
         load(server.url, files, clients, 2.0, *extra, path=path)  # warm-up run, not measured
@@ -284,6 +296,11 @@ def _compare(
     results = []
     for n in clients:
         ours, batch = _measure_ours(ours_pkg, env, work / "server.log", files, n, duration)
+        base = None
+        if BASELINE_SRC is not None:
+            base, _ = _measure_ours(
+                ours_pkg, env, work / "base.log", files, n, duration, src=BASELINE_SRC
+            )
         naive_server = Server("naive", ["--package", str(naive_pkg)], {}, work / "naive.log")
         try:
             load(naive_server.url, files, n, 2.0)
@@ -295,6 +312,9 @@ def _compare(
         share = ours["throughput_rps"] / limit
         print(f" {n} client(s):")
         print(_row("dlpipe serve (ONNX Runtime, batching)", ours, f"  mean batch {batch:.1f}"))
+        if base is not None:
+            ratio = ours["throughput_rps"] / max(base["throughput_rps"], 1e-9)
+            print(_row("baseline dlpipe serve (--baseline-src)", base, f"  now/base {ratio:.3f}"))
         print(_row("naive FastAPI + PyTorch eager", naive))
         print(
             f"  in-process ONNX Runtime, batch {max(1, round(batch))}: {limit:8.1f} items/s "
@@ -308,6 +328,7 @@ def _compare(
             "naive": naive,
             "mean_batch": batch,
             "ort_items_per_s": limit,
+            "baseline": base,
         }
         print(json.dumps(row))
         results.append(row)
@@ -498,7 +519,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--scenario", action="append", choices=["cnn", "resnet", "overload", "rollback"])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     p.add_argument("--workdir", default=os.environ.get("DLPIPE_BENCH_DIR", "/tmp/dlpipe-bench"))
+    p.add_argument("--baseline-src", help="also measure the server from this src/ (before/after)")
     args = p.parse_args(argv)
+    global BASELINE_SRC
+    BASELINE_SRC = args.baseline_src
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
