@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from dlpipe.config import PipelineConfig
@@ -158,3 +163,15 @@ def sample_value(app, name: str, labels: dict[str, str] | None = None) -> float:
 
 def upload(data: bytes, field: str = "file", name: str = "x.png") -> dict:  # type: ignore[type-arg]
     return {field: (name, data, "image/png")}
+
+
+@contextmanager
+def ready_client(app: Any, timeout_s: float = 120.0, **kwargs: Any) -> Iterator[TestClient]:
+    """A TestClient on `app` once a model version serves (the app starts without waiting)."""
+    with TestClient(app, **kwargs) as client:
+        deadline = time.monotonic() + timeout_s
+        while not app.state.manager.ready:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no model ready: {app.state.manager.describe()}")
+            time.sleep(0.02)
+        yield client

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import FakeGpuReader, png_bytes, random_png, sample_value, upload
+from serving_helpers import FakeGpuReader, png_bytes, random_png, ready_client, sample_value, upload
 
 from dlpipe.monitoring.gpu import GpuReading
 from dlpipe.serving import ServeSettings, create_app
@@ -53,7 +54,7 @@ def client(cnn_package: Path, gpu_reader: FakeGpuReader) -> Iterator[TestClient]
     )
     source = LocalSource.from_path("fashion", cnn_package)
     app = create_app(cfg, source=source, gpu_reader=gpu_reader)
-    with TestClient(app, headers={"X-API-Key": "secret-key"}) as c:
+    with ready_client(app, headers={"X-API-Key": "secret-key"}) as c:
         yield c
 
 
@@ -301,7 +302,7 @@ def test_scrape_reports_live_throughput_and_in_flight(cnn_package: Path) -> None
     """`dlpipe_throughput_rps` and the JSON snapshot's `in_flight` follow real traffic."""
     settings_ = ServeSettings(package=str(cnn_package), access_log=False, gpu_poll_interval_s=3600)
     app = create_app(settings_)
-    with TestClient(app) as c:
+    with ready_client(app) as c:
         assert sample_value(app, "dlpipe_throughput_rps") == 0.0
         for _ in range(20):
             assert c.post("/predict", files=upload(random_png(np.random.default_rng(1)))).is_success
@@ -317,7 +318,7 @@ def test_an_expired_request_is_counted_once_where_it_is_answered(cnn_package: Pa
     from dlpipe.serving.batcher import BatchStats
 
     app = create_app(ServeSettings(package=str(cnn_package), access_log=False))
-    with TestClient(app):
+    with ready_client(app):
         served, _ = app.state.manager.route()
         assert served.batcher.on_batch is not None
         served.batcher.on_batch(BatchStats(1, (0.001,), 0.001, expired=2))
@@ -332,9 +333,14 @@ def test_a_failed_model_load_is_logged_with_its_traceback(
     broken = tmp_path / "broken"
     shutil.copytree(cnn_package, broken)
     (broken / "model.onnx").write_bytes(b"not a graph")
-    with caplog.at_level(logging.ERROR, logger="dlpipe.serving"):
-        with TestClient(create_app(ServeSettings(package=str(broken), access_log=False))) as c:
-            assert c.get("/ready").status_code == 503
+    app = create_app(ServeSettings(package=str(broken), access_log=False))
+    with caplog.at_level(logging.ERROR, logger="dlpipe.serving"), TestClient(app) as c:
+        deadline = time.monotonic() + 30
+        while not app.state.manager.failures and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ready = c.get("/ready")
+        assert ready.status_code == 503 and "failed to load" in ready.json()["reason"]
+        assert "not a graph" not in ready.text and str(broken) not in ready.text
     failed = [r for r in caplog.records if "failed" in r.getMessage() and r.exc_info]
     assert failed, [r.getMessage() for r in caplog.records]
     assert "ModelLoadError" in caplog.text

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from serving_helpers import ready_client
 
 from dlpipe.serving import ServeSettings, create_app
 from dlpipe.serving.engine import InferenceEngine
@@ -25,7 +25,7 @@ pytestmark = [
 def test_nvml_gauges_are_exposed_by_the_app(cnn_package: Path) -> None:
     cfg = ServeSettings(model_name="fashion", gpu_poll_interval_s=0.2, registry_refresh_s=3600)
     app = create_app(cfg, source=LocalSource.from_path("fashion", cnn_package))
-    with TestClient(app) as client:
+    with ready_client(app) as client:
         assert app.state.gpu_monitor.enabled, "NVML should be readable on a GPU host"
         app.state.gpu_monitor.poll_once()
         text = client.get("/metrics").text

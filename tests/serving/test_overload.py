@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-from serving_helpers import random_png
+from serving_helpers import random_png, ready_client
 
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.serving import ServeSettings, create_app
 from dlpipe.serving.admission import Admission, LoopLagMonitor
 from dlpipe.serving.middleware import RequestContextMiddleware
+from dlpipe.serving.security import Guard
 from loadgen import run_open_loop
 
 
@@ -55,13 +55,9 @@ class _GatedApp:
 def _shedding(
     inner: Any, max_in_flight: int = 256, max_lag_s: float = 0.1, lag: LoopLagMonitor | None = None
 ) -> RequestContextMiddleware:
-    admission = Admission(max_in_flight, max_lag_s, lag)
+    admission = Admission(max_in_flight, max_lag_s, lag, max_body_bytes=1 << 20)
     return RequestContextMiddleware(
-        inner,
-        collector=MetricsCollector(),
-        max_body_bytes=1 << 20,
-        access_log=False,
-        admission=admission,
+        inner, collector=MetricsCollector(), access_log=False, admission=admission, guard=Guard([])
     )
 
 
@@ -142,7 +138,7 @@ def test_loop_lag_limit_follows_the_deadline_unless_set() -> None:
 def test_start_up_objects_are_frozen_out_of_the_collector(cnn_package: Path) -> None:
     gc.unfreeze()
     try:
-        with TestClient(create_app(ServeSettings(package=str(cnn_package)))) as client:
+        with ready_client(create_app(ServeSettings(package=str(cnn_package)))) as client:
             assert client.get("/ready").status_code == 200
             assert gc.get_freeze_count() > 10_000
     finally:
@@ -175,7 +171,7 @@ def test_a_model_frozen_at_start_up_is_freed_when_retired(cnn_package: Path) -> 
 
 def test_every_request_leaves_the_arrivals_count(cnn_package: Path) -> None:
     png = random_png(np.random.default_rng(0))
-    with TestClient(create_app(ServeSettings(package=str(cnn_package)))) as client:
+    with ready_client(create_app(ServeSettings(package=str(cnn_package)))) as client:
         admission = client.app.state.admission  # type: ignore[attr-defined]
         arrivals = admission.arrivals
         for kwargs, status in [

@@ -6,7 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from fastapi.testclient import TestClient
+from serving_helpers import ready_client
 
 from dlpipe.data import DataPreprocessor
 from dlpipe.serving import ServeSettings, create_app
@@ -34,7 +34,7 @@ def test_text_package_serves_after_its_training_tokenizer_is_gone(tmp_path: Path
         max_wait_ms=1.0,
     )
     app = create_app(settings, source=LocalSource.from_path("text", package))
-    with TestClient(app) as client:
+    with ready_client(app) as client:
         for i, text in enumerate(texts):
             r = client.post("/predict", json={"text": text})
             assert r.status_code == 200, r.text

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import random_png
+from serving_helpers import random_png, ready_client
 
 from dlpipe.monitoring.logging import configure_logging
 from dlpipe.serving import ServeSettings, create_app
@@ -23,7 +23,7 @@ from dlpipe.serving.sources import LocalSource
 def client(cnn_package: Path) -> Iterator[TestClient]:
     cfg = ServeSettings(model_name="fashion", registry_refresh_s=3600, top_k=3)
     app = create_app(cfg, source=LocalSource.from_path("fashion", cnn_package))
-    with TestClient(app) as c:
+    with ready_client(app) as c:
         yield c
 
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_helpers import make_biased_package, random_png, upload
+from serving_helpers import make_biased_package, random_png, ready_client, upload
 
 from dlpipe.routing import ABTestConfig
 from dlpipe.serving import ServeSettings, create_app
@@ -39,7 +39,7 @@ def routed(serving_root: Path, base_onnx: Path) -> Iterator[tuple[TestClient, Lo
         registry_refresh_s=3600,  # the tests switch routing themselves, deterministically
         access_log=False,
     )
-    with TestClient(create_app(cfg, source=source)) as client:
+    with ready_client(create_app(cfg, source=source)) as client:
         yield client, source
 
 
@@ -161,8 +161,12 @@ def test_a_version_that_fails_to_load_leaves_the_previous_one_serving(
     _apply(client, source, "4", None)
     assert _answer(client) == ("2", WINNER["2"])
     models = client.get("/models").json()
-    assert "version 4" in models["last_error"]
-    assert client.get("/ready").status_code == 200
+    assert models["failed_versions"]["4"]["reason"] == "load failed (ModelLoadError)"
+    assert str(broken) not in str(models)  # paths stay in the log
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["unavailable"] == {
+        "4": models["failed_versions"]["4"]["reason"]
+    }
 
 
 def test_sticky_request_keys_agree_with_the_registry_rule(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import random_png, upload
+from serving_helpers import random_png, ready_client, upload
 
 from dlpipe.serving import ServeSettings, create_app
 from dlpipe.serving.sources import LocalSource
@@ -25,7 +25,7 @@ def secured(cnn_package: Path) -> Iterator[TestClient]:
         access_log=False,
     )
     app = create_app(cfg, source=LocalSource.from_path("fashion", cnn_package))
-    with TestClient(app) as client:
+    with ready_client(app) as client:
         yield client
 
 
@@ -43,8 +43,10 @@ def test_keys_are_required_and_checked(secured: TestClient) -> None:
     assert secured.post("/predict", files=_png(), headers={"X-API-Key": "beta-key"}).is_success
     ok = secured.post("/predict", files=_png(), headers={"Authorization": "Bearer alpha-key"})
     assert ok.is_success
-    # Probes and metrics stay open for orchestrators and Prometheus.
-    assert secured.get("/health").is_success and secured.get("/metrics").is_success
+    # Probes stay open for orchestrators; everything else (metrics too) needs a key.
+    assert secured.get("/health").is_success
+    assert secured.get("/metrics").status_code == 401
+    assert secured.get("/metrics", headers={"X-API-Key": "alpha-key"}).is_success
 
 
 def test_rate_limit_is_per_key_with_retry_after(secured: TestClient) -> None:

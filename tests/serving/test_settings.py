@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -106,6 +108,9 @@ def test_server_without_any_model_is_up_but_not_ready(
     app = create_app(ServeSettings(package=str(empty), registry_refresh_s=3600))
     with TestClient(app) as client:
         assert client.get("/health").status_code == 200
+        deadline = time.monotonic() + 30
+        while not app.state.manager.failures and time.monotonic() < deadline:
+            time.sleep(0.02)
         ready = client.get("/ready")
         assert ready.status_code == 503 and "failed" in ready.json()["reason"]
         r = client.post("/predict", files={"file": ("x.png", b"x", "image/png")})

@@ -2,13 +2,17 @@
 
 Gates, cheapest first, so a request that will be refused costs as little as possible:
 
-1. At the door (`Admission.shed_reason`, called by the middleware before any parsing): more
+1. At the door (`Admission.admit`, called by the middleware before any parsing): more
    requests in flight than `max_in_flight`, or an event loop running late (the CPU saturated:
    requests then queue as tasks in the loop, where no queue bound sees them) -> 503 with
-   Retry-After. Health, metrics and other GETs are never shed.
-2. At the queue (`check_queue`, called by the batcher when a sample is queued): the queue is
+   Retry-After; a declared body over the per-request limit -> 413, or one that would push the
+   bytes held by all in-flight requests over their budget -> 503. Health, metrics and other
+   GETs are never shed.
+2. While the body arrives (`Ticket.receive`): the same two byte limits for bodies without a
+   declared length, and a deadline for the whole body (slow senders get 408).
+3. At the queue (`check_queue`, called by the batcher when a sample is queued): the queue is
    full, or the queue ahead is so long that the sample would miss its deadline -> 503.
-3. The deadline itself (`remaining_s`): counted from arrival; a request not answered by then
+4. The deadline itself (`remaining_s`): counted from arrival; a request not answered by then
    gets 504.
 
 `Arrivals` counts requests admitted but not yet queued, so a batcher waits for company only
@@ -24,7 +28,16 @@ import contextlib
 import time
 from typing import Any
 
-from dlpipe.serving.errors import Overloaded
+from starlette.types import Message, Receive
+
+from dlpipe.serving.errors import Overloaded, PayloadTooLarge, ServingError
+
+
+class BodyTimeout(ServingError):
+    """The request body did not arrive within `body_timeout_s`."""
+
+    status_code = 408
+    error_type = "request_timeout"
 
 
 class LoopLagMonitor:
@@ -98,16 +111,59 @@ class Arrivals:
 
 
 class Ticket:
-    """One admitted request: on its way until `queued()`, in flight until `release()`."""
+    """One admitted request: on its way until `queued()`, in flight until `release()`, holding
+    the body bytes it has received (or declared) against the shared budget until then."""
 
-    __slots__ = ("_admission", "_on_the_way", "_released")
+    __slots__ = ("_admission", "_held", "_on_the_way", "_released", "_timer", "timed_out")
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, declared_bytes: int) -> None:
         self._admission = admission
         self._on_the_way = True
         self._released = False
+        self._held = declared_bytes
+        self._timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
         admission.in_flight += 1
+        admission.body_bytes += declared_bytes
         admission.arrivals.enter()
+
+    def receive(self, receive: Receive, started: float) -> Receive:
+        """`receive` with the body limits applied; the body deadline counts from `started`."""
+        admission = self._admission
+        limit = admission.max_body_bytes
+        task = asyncio.current_task()
+        if task is not None:
+            left = admission.body_timeout_s - (time.perf_counter() - started)
+            self._timer = asyncio.get_running_loop().call_later(left, self._expire, task)
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"request body exceeds the {limit} byte limit")
+                if received > self._held:  # no (or a wrong) declared length: count as it comes
+                    admission.body_bytes += received - self._held
+                    self._held = received
+                    admission.check_budget(0)
+                if not message.get("more_body", False):
+                    self._stop_timer()
+            else:
+                self._stop_timer()
+            return message
+
+        return limited
+
+    def _expire(self, task: asyncio.Task[Any]) -> None:
+        self.timed_out = True
+        task.cancel()  # the middleware turns this cancellation into a 408
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def queued(self) -> None:
         """Its samples are in a batcher's queue: no longer on the way (idempotent)."""
@@ -118,28 +174,45 @@ class Ticket:
     def release(self) -> None:
         """The request ended, answered or not (idempotent)."""
         self.queued()
+        self._stop_timer()
         if not self._released:
             self._released = True
             self._admission.in_flight -= 1
+            self._admission.body_bytes -= self._held
 
 
 class Admission:
-    """The server's door: how many requests are in, and whether one more may come in.
+    """The server's door: how many requests (and body bytes) are in, and whether one more may
+    come in.
 
     Args:
         max_in_flight: inference requests handled at once; beyond it new ones get 503.
         max_lag_s: shed new inference requests while the event loop runs this late.
         lag: the loop-lag monitor (started by the app's lifespan); None: no lag shedding.
+        max_body_bytes: largest body of one request (413 beyond).
+        body_budget_bytes: bytes all in-flight requests may hold together (503 beyond).
+        body_timeout_s: time allowed for a whole body to arrive (408 beyond).
     """
 
     def __init__(
-        self, max_in_flight: int, max_lag_s: float, lag: LoopLagMonitor | None = None
+        self,
+        max_in_flight: int,
+        max_lag_s: float,
+        lag: LoopLagMonitor | None = None,
+        *,
+        max_body_bytes: int = 10 * 1024 * 1024,
+        body_budget_bytes: int = 256 * 1024 * 1024,
+        body_timeout_s: float = 30.0,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.max_lag_s = max_lag_s
         self.lag = lag
+        self.max_body_bytes = max_body_bytes
+        self.body_budget_bytes = body_budget_bytes
+        self.body_timeout_s = body_timeout_s
         self.arrivals = Arrivals()
         self.in_flight = 0
+        self.body_bytes = 0
 
     def shed_reason(self) -> str | None:
         """Why a new inference request must be shed now, or None to admit it."""
@@ -149,9 +222,32 @@ class Admission:
             return f"event loop {self.lag.lag_s * 1000:.0f} ms behind"
         return None
 
-    def admit(self) -> Ticket:
-        """Count one request in (see `Ticket`)."""
-        return Ticket(self)
+    def check_budget(self, more: int) -> None:
+        """Overloaded when `more` bytes would push the in-flight bodies over their budget."""
+        if self.body_bytes + more > self.body_budget_bytes:
+            raise Overloaded(
+                f"server busy: in-flight request bodies hold {self.body_bytes} bytes "
+                f"(budget {self.body_budget_bytes}); retry later",
+                retry_after_s=1.0,
+            )
+
+    def admit(self, declared_bytes: int | None = None) -> Ticket:
+        """Count one inference request in (see `Ticket`), or refuse it.
+
+        Raises:
+            Overloaded: too many in flight, a late event loop, or no room in the body budget.
+            PayloadTooLarge: the declared body is over the per-request limit.
+        """
+        busy = self.shed_reason()
+        if busy is not None:
+            raise Overloaded(f"server busy: {busy}; retry later", retry_after_s=1.0)
+        declared = declared_bytes or 0
+        if declared > self.max_body_bytes:
+            raise PayloadTooLarge(
+                f"request body of {declared} bytes exceeds the {self.max_body_bytes} byte limit"
+            )
+        self.check_budget(declared)
+        return Ticket(self, declared)
 
 
 def check_queue(

@@ -6,7 +6,6 @@ uvicorn.run(app)
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,10 +22,10 @@ from dlpipe.monitoring.gpu import GpuMonitor, GpuReader
 from dlpipe.routing import RoutingPlan
 from dlpipe.serving.admission import Admission, LoopLagMonitor
 from dlpipe.serving.errors import ServingError, error_body
-from dlpipe.serving.manager import ModelManager
+from dlpipe.serving.manager import ModelManager, freeze_startup_heap
 from dlpipe.serving.middleware import RequestContextMiddleware
 from dlpipe.serving.routes import health, metrics, models, predict, v2
-from dlpipe.serving.security import ApiKeyAuth, RateLimit
+from dlpipe.serving.security import Guard
 from dlpipe.serving.settings import ServeSettings, get_settings
 from dlpipe.serving.sources import LocalSource, ModelSource, RegistrySource
 
@@ -109,26 +108,34 @@ def create_app(
     settings = settings or get_settings()
     collector = collector or MetricsCollector()
     lag = LoopLagMonitor()
-    admission = Admission(settings.max_in_flight, settings.loop_lag_limit_s, lag)
+    admission = Admission(
+        settings.max_in_flight,
+        settings.loop_lag_limit_s,
+        lag,
+        max_body_bytes=settings.max_upload_bytes,
+        body_budget_bytes=settings.max_body_bytes_in_flight,
+        body_timeout_s=settings.body_timeout_s,
+    )
+    guard = Guard(settings.api_keys, settings.rate_limit, settings.auth_failure_limit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Nothing here waits on the registry or a model: /health answers from the first
+        # second; /ready turns true once the manager has a version serving.
         gpu = GpuMonitor(collector, reader=gpu_reader, interval_s=settings.gpu_poll_interval_s)
         app.state.gpu_monitor = gpu
         gpu.start()
         app.state.lag_monitor = lag
         manager = ModelManager(
-            source or build_source(settings), settings, collector, admission.arrivals
+            source or build_source(settings),
+            settings,
+            collector,
+            admission.arrivals,
+            on_first_ready=freeze_startup_heap,
         )
         app.state.manager = manager
-        await manager.start()
-        if not manager.ready:
-            log.error("no model loaded at start-up: %s", manager.last_error)
-        # The libraries loaded above leave ~250k long-lived objects; a full collection walks
-        # them all (~100 ms, a p99 spike under load). Freezing moves them out of the collector.
-        gc.collect()
-        gc.freeze()
-        lag.start()  # after the start-up work above, which blocks the loop on purpose
+        manager.start()
+        lag.start()
         try:
             yield
         finally:
@@ -145,8 +152,7 @@ def create_app(
     app.state.settings = settings
     app.state.collector = collector
     app.state.admission = admission
-    app.state.auth = ApiKeyAuth(settings.api_keys)
-    app.state.rate_limit = RateLimit(settings.rate_limit)
+    app.state.guard = guard
     # No dependency_overrides here: FastAPI re-analyses every dependency of every request
     # while any override is set (several times the cost of our whole request path).
     _install_error_handlers(app, collector)
@@ -155,8 +161,8 @@ def create_app(
     app.add_middleware(
         RequestContextMiddleware,
         collector=collector,
-        max_body_bytes=settings.max_upload_bytes,
         access_log=settings.access_log,
         admission=admission,
+        guard=guard,
     )
     return app

@@ -24,17 +24,6 @@ def manager_of(request: Request) -> ModelManager:
     return manager
 
 
-def caller_of(request: Request) -> str | None:
-    """The caller's key id (None when auth is off); enforces the rate limit per key or client."""
-    state = request.app.state
-    headers = request.headers
-    caller: str | None = state.auth.identify(headers.get("authorization"), headers.get("x-api-key"))
-    if state.rate_limit.item is not None:
-        client = request.client.host if request.client else "unknown"
-        state.rate_limit.check(caller or f"ip:{client}")
-    return caller
-
-
 def routing_of(request: Request) -> tuple[str | None, str | None]:
     """(pinned version, sticky key) from `X-Model-Version` / `?version=` and `X-Request-Key`."""
     headers = request.headers
@@ -57,10 +46,6 @@ async def get_request_id(request: Request) -> str:
     return str(request.state.request_id)
 
 
-async def authenticate(request: Request) -> str | None:
-    return caller_of(request)
-
-
 async def get_routing(request: Request) -> tuple[str | None, str | None]:
     return routing_of(request)
 
@@ -68,7 +53,6 @@ async def get_routing(request: Request) -> tuple[str | None, str | None]:
 SettingsDep = Annotated[ServeSettings, Depends(current_settings)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
-CallerDep = Annotated[str | None, Depends(authenticate)]
 RoutingDep = Annotated[tuple[str | None, str | None], Depends(get_routing)]
 
 

@@ -1,12 +1,15 @@
-"""Per-request plumbing as plain ASGI (cheaper than BaseHTTPMiddleware): request id, body-size
-limit while reading, in-flight gauge, latency metrics and one JSON access-log line per request.
+"""Per-request plumbing as plain ASGI (cheaper than BaseHTTPMiddleware): request id, in-flight
+gauge, latency metrics and one JSON access-log line per request.
 
-Whether a request may come in at all is `dlpipe.serving.admission`'s decision; this module only
-asks it, before any parsing, and hands the admitted request its ticket.
+Before the app sees a request it asks two modules, cheapest checks first and before any parsing:
+`dlpipe.serving.security` (is there a valid key? rate limits) and `dlpipe.serving.admission`
+(may one more inference request come in, with this body?). The admitted request carries its
+admission ticket in `request.state.admission`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -14,23 +17,26 @@ import time
 import uuid
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.monitoring.logging import request_id_var
-from dlpipe.serving.admission import Admission
-from dlpipe.serving.errors import PayloadTooLarge, error_body
+from dlpipe.serving.admission import Admission, BodyTimeout, Ticket
+from dlpipe.serving.errors import ServingError, error_body
+from dlpipe.serving.security import Guard
 
 access_log = logging.getLogger("dlpipe.serving.access")
 log = logging.getLogger("dlpipe.serving")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CLIENT_CLOSED = 499
+"""Status recorded (never sent) when the client went away before its answer (nginx's code)."""
+_WANTED = frozenset({b"x-request-id", b"content-length", b"authorization", b"x-api-key"})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+def _headers(scope: Scope) -> dict[bytes, str]:
+    """The few request headers read here, in one pass."""
+    return {k: v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
 
 
 class RequestContextMiddleware:
@@ -40,41 +46,31 @@ class RequestContextMiddleware:
         self,
         app: ASGIApp,
         collector: MetricsCollector,
-        max_body_bytes: int,
         access_log: bool,
         admission: Admission,
+        guard: Guard,
     ) -> None:
         self.app = app
         self.collector = collector
-        self.max_body_bytes = max_body_bytes
         self.access_log = access_log
         self.admission = admission
+        self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        client_id = _header(scope, b"x-request-id")
+        headers = _headers(scope)
+        given_id = headers.get(b"x-request-id")
         request_id = (
-            client_id if client_id and _VALID_REQUEST_ID.match(client_id) else uuid.uuid4().hex
+            given_id if given_id and _VALID_REQUEST_ID.match(given_id) else uuid.uuid4().hex
         )
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["started"] = started
         status = 500
         response_started = False
-        received = 0
-        limit = self.max_body_bytes
-
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(f"request body exceeds the {limit} byte limit")
-            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
@@ -82,75 +78,101 @@ class RequestContextMiddleware:
                 status = message["status"]
                 response_started = True
                 message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"],
-                    (b"x-request-id", request_id.encode()),
-                ]
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
         token = request_id_var.set(request_id)
         self.collector.in_flight.inc()
-        ticket = None
+        ticket: Ticket | None = None
         try:
-            declared = _header(scope, b"content-length")
-            inference = scope["method"] == "POST"
-            busy = self.admission.shed_reason() if inference else None
-            if busy is not None:
-                # When the CPU is the bottleneck, requests queue in the event loop, not in
-                # the batcher: shed them here, before any parsing is spent on them.
-                message = f"server busy: {busy}; retry later"
-                self.collector.record_error("overloaded", message)
-                await self._send_error(send_with_id, 503, "overloaded", message, retry_after=True)
-            elif declared is not None and declared.isdigit() and int(declared) > limit:
-                err = PayloadTooLarge(
-                    f"request body of {declared} bytes exceeds the {limit} byte limit"
-                )
+            try:
+                ticket = self._admit(scope, headers, state)
+            except ServingError as err:
+                # Refused at the door: no parsing, no app code.
                 self.collector.record_error(err.error_type, err.message)
-                await self._send_error(send_with_id, err.status_code, err.error_type, err.message)
-            else:
-                if inference:
-                    ticket = state["admission"] = self.admission.admit()
-                await self.app(scope, receive_limited, send_with_id)
+                await _send_error(send_with_id, err)
+                return
+            inner_receive = receive if ticket is None else ticket.receive(receive, started)
+            await self.app(scope, inner_receive, send_with_id)
+        except asyncio.CancelledError:
+            if ticket is None or not ticket.timed_out:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()  # our own body deadline, not a shutdown: answer it
+            err = BodyTimeout(
+                f"request body not received within {self.admission.body_timeout_s:g} s"
+            )
+            self.collector.record_error(err.error_type, err.message)
+            if not response_started:
+                await _send_error(send_with_id, err)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED  # not a server error: nobody is left to answer
+            self.collector.record_error("client_disconnected", "client closed the connection")
         except Exception as err:  # last resort: the process never dies on a request
             log.exception("unhandled error")
             self.collector.record_error("internal", repr(err))
             if not response_started:
-                await self._send_error(send_with_id, 500, "internal", "internal server error")
+                await _send_error(send_with_id, None)
         finally:
             if ticket is not None:
                 ticket.release()
             self.collector.in_flight.dec()
-            latency_ms = (time.perf_counter() - started) * 1000.0
-            route = scope.get("route")
-            endpoint = getattr(route, "path_format", None) or "unmatched"
-            version = str(state.get("model_version", ""))
-            self.collector.record_latency(latency_ms, endpoint, version, str(status))
-            if self.access_log:
-                access_log.info(
-                    "request",
-                    extra={
-                        "event": "request",
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "endpoint": endpoint,
-                        "status": status,
-                        "latency_ms": round(latency_ms, 3),
-                        "model_version": version,
-                    },
-                )
+            self._record(scope, state, status, started)
             request_id_var.reset(token)
 
-    @staticmethod
-    async def _send_error(
-        send: Send, status: int, error_type: str, message: str, retry_after: bool = False
-    ) -> None:
-        request_id = request_id_var.get() or ""
-        body = json.dumps(error_body(error_type, message, request_id)).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if retry_after:
-            headers.append((b"retry-after", b"1"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    def _admit(
+        self, scope: Scope, headers: dict[bytes, str], state: dict[str, Any]
+    ) -> Ticket | None:
+        """Authenticate, then admit an inference request; ServingError when refused."""
+        client = scope.get("client")
+        address = client[0] if client else "unknown"
+        state["caller"] = self.guard.check(
+            scope["path"], headers.get(b"authorization"), headers.get(b"x-api-key"), address
+        )
+        if scope["method"] != "POST":
+            return None
+        declared = headers.get(b"content-length")
+        ticket = self.admission.admit(int(declared) if declared and declared.isdigit() else None)
+        state["admission"] = ticket
+        return ticket
+
+    def _record(self, scope: Scope, state: dict[str, Any], status: int, started: float) -> None:
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        route = scope.get("route")
+        endpoint = getattr(route, "path_format", None) or "unmatched"
+        version = str(state.get("model_version", ""))
+        self.collector.record_latency(latency_ms, endpoint, version, str(status))
+        if self.access_log:
+            access_log.info(
+                "request",
+                extra={
+                    "event": "request",
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "endpoint": endpoint,
+                    "status": status,
+                    "latency_ms": round(latency_ms, 3),
+                    "model_version": version,
+                },
+            )
+
+
+async def _send_error(send: Send, err: ServingError | None) -> None:
+    """The JSON error body for `err` (None: a generic 500 whose detail stays in the log)."""
+    request_id = request_id_var.get() or ""
+    status = 500 if err is None else err.status_code
+    kind, message = (
+        ("internal", "internal server error")
+        if err is None
+        else (
+            err.error_type,
+            err.message,
+        )
+    )
+    body = json.dumps(error_body(kind, message, request_id)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if err is not None:
+        headers += [(k.lower().encode(), v.encode()) for k, v in err.headers().items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

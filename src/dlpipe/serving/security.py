@@ -1,4 +1,9 @@
-"""API keys (constant-time compare) and per-key rate limits (`limits`, moving window)."""
+"""Who may call: API keys (constant-time compare), per-key rate limits and a limit on failed key
+attempts per client address (`limits`, moving window).
+
+With keys configured every route needs one except the probes in `OPEN_PATHS`; the middleware
+asks `Guard.check` before anything else runs, so a new route cannot be forgotten.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from dlpipe.serving.errors import RateLimited, Unauthorized
+
+OPEN_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
+"""Answered without a key: liveness and readiness probes (readiness then says only true/false)."""
 
 
 class ApiKeyAuth:
@@ -57,9 +65,74 @@ class RateLimit:
             return
         if self._limiter.hit(self.item, "dlpipe", caller):
             return
-        stats = self._limiter.get_window_stats(self.item, "dlpipe", caller)
-        wait = max(0.0, stats.reset_time - time.time())
+        wait = self.reset_in(caller)
         raise RateLimited(
             f"rate limit {self.item} exceeded for this caller; retry in {wait:.1f} s",
             retry_after_s=wait,
         )
+
+    def hit(self, caller: str) -> None:
+        """Spend one unit of `caller`'s budget (never raises)."""
+        if self.item is not None:
+            self._limiter.hit(self.item, "dlpipe", caller)
+
+    def exhausted(self, caller: str) -> bool:
+        """True while `caller` has no budget left (spends nothing)."""
+        return self.item is not None and not self._limiter.test(self.item, "dlpipe", caller)
+
+    def reset_in(self, caller: str) -> float:
+        """Seconds until `caller` has budget again."""
+        if self.item is None:
+            return 0.0
+        stats = self._limiter.get_window_stats(self.item, "dlpipe", caller)
+        return max(0.0, stats.reset_time - time.time())
+
+
+class Guard:
+    """Authentication and rate limits for one request, from its headers and client address."""
+
+    def __init__(
+        self, keys: list[str], rate: str | None = None, failure_limit: str | None = None
+    ) -> None:
+        self.auth = ApiKeyAuth(keys)
+        self.rate_limit = RateLimit(rate)
+        self.failures = RateLimit(failure_limit)
+
+    @property
+    def enabled(self) -> bool:
+        return self.auth.enabled
+
+    def check(
+        self, path: str, authorization: str | None, x_api_key: str | None, client: str
+    ) -> str | None:
+        """The caller's key id (None when auth is off or the path is open).
+
+        Raises:
+            Unauthorized: no key or a wrong one (counted against the client address).
+            RateLimited: too many failed attempts from this address, or the caller's own rate.
+        """
+        if path in OPEN_PATHS:
+            return None
+        caller = None
+        if self.auth.enabled:
+            if self.failures.item is not None and self.failures.exhausted(f"ip:{client}"):
+                raise RateLimited(
+                    "too many failed API key attempts from this address; retry later",
+                    retry_after_s=self.failures.reset_in(f"ip:{client}"),
+                )
+            try:
+                caller = self.auth.identify(authorization, x_api_key)
+            except Unauthorized:
+                self.failures.hit(f"ip:{client}")
+                raise
+        self.rate_limit.check(caller or f"ip:{client}")
+        return caller
+
+    def is_authenticated(self, authorization: str | None, x_api_key: str | None) -> bool:
+        """True when auth is off or the headers carry a valid key (never raises, counts nothing)."""
+        if not self.auth.enabled:
+            return True
+        try:
+            return self.auth.identify(authorization, x_api_key) is not None
+        except Unauthorized:
+            return False

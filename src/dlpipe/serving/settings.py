@@ -8,10 +8,12 @@ Routes read them through `get_settings()` (cached), so tests swap them with
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -51,16 +53,38 @@ class ServeSettings(BaseSettings):
     request_timeout_ms: float = Field(1000.0, gt=0.0)
     """Per-request deadline; a request not answered by then gets 504."""
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """Accepted API keys (comma separated in the env); empty: no authentication."""
+    """Accepted API keys (comma separated in the env); empty: no authentication. With keys,
+    every route needs one except /health, /ready (then a bare true/false) and /v2/health/*."""
+    require_auth: bool = False
+    """Refuse to start without API keys (so an empty variable or a missing Secret cannot turn
+    authentication off silently)."""
+    auth_failure_limit: str | None = "20/minute"
+    """Failed key attempts allowed per client address (`limits` syntax); beyond it 429."""
     rate_limit: str | None = None
     """Per-key (or per-client) limit in `limits` syntax, e.g. `100/second`; None: unlimited."""
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     """Largest request body accepted (413 beyond)."""
+    max_body_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1)
+    """Request bytes all in-flight requests may hold together; beyond it 503 + Retry-After, so
+    memory stays bounded whatever clients send."""
+    body_timeout_s: float = Field(30.0, gt=0.0)
+    """Time allowed to receive a whole request body; slower senders get 408."""
     max_batch_items: int = Field(64, ge=1)
     """Most files or texts in one /predict/batch request."""
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    """Largest image (width x height, read from its header before decoding) accepted; 413."""
+    image_formats: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["PNG", "JPEG"])
+    """Image formats accepted (Pillow names, comma separated in the env); others get 415."""
+    max_text_chars: int = Field(10_000, ge=1)
+    """Longest text accepted before tokenizing (413 beyond)."""
+    decode_workers: int = Field(0, ge=0)
+    """Threads that decode large images off the event loop; 0: min(4, CPU count)."""
     resize_inputs: bool = True
     """Resize images to the model's size as training did; False: other sizes get 400."""
     top_k: int = Field(5, ge=1)
+    model_load_timeout_s: float = Field(300.0, gt=0.0)
+    """A version whose load (download, session, warm-up) takes longer is reported as failed
+    and retried with back-off; the versions already serving are not held up by it."""
     registry_refresh_s: float = Field(2.0, gt=0.0)
     """How often the server polls the registry for promotions, A/B changes and rollbacks."""
     ort_intra_op_threads: int = Field(0, ge=0)
@@ -68,6 +92,15 @@ class ServeSettings(BaseSettings):
     warmup: bool = True
     gpu_poll_interval_s: float = Field(5.0, gt=0.0)
     """How often GPU utilization and memory are read through NVML (when a GPU exists)."""
+    ssl_certfile: str | None = None
+    """PEM certificate (chain): serve HTTPS only (plain HTTP on the port is refused)."""
+    ssl_keyfile: str | None = None
+    """PEM private key of `ssl_certfile`."""
+    drain_s: float = Field(0.0, ge=0.0)
+    """After SIGTERM: keep serving this long while /ready says 503 (load balancers stop sending),
+    then stop accepting. Kubernetes' preStop hook usually covers this (deploy/k8s)."""
+    shutdown_grace_s: float = Field(20.0, gt=0.0)
+    """Then: time for requests already accepted to finish before the process exits."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     """One JSON log line per request."""
@@ -78,9 +111,29 @@ class ServeSettings(BaseSettings):
         limit_ms = self.max_loop_lag_ms or self.request_timeout_ms / 10.0
         return limit_ms / 1000.0
 
-    @field_validator("api_keys", mode="before")
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeSettings:
+        if self.require_auth and not self.api_keys:
+            raise ValueError(
+                "require_auth is set but no API keys are configured (DLPIPE_API_KEYS is empty "
+                "or its Secret is missing); refusing to serve without authentication"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together")
+        for name in ("ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path!r} is not a readable file")
+        return self
+
+    @property
+    def decode_threads(self) -> int:
+        """Threads of the decode pool (`decode_workers`, 0 meaning min(4, CPU count))."""
+        return self.decode_workers or min(4, os.cpu_count() or 1)
+
+    @field_validator("api_keys", "image_formats", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
@@ -90,7 +143,20 @@ class ServeSettings(BaseSettings):
             return [k.strip() for k in text.split(",") if k.strip()]
         return value
 
-    @field_validator("rate_limit")
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        from PIL import Image
+
+        Image.init()
+        formats = [f.upper() for f in value]
+        unknown = sorted(set(formats) - set(Image.OPEN))
+        if unknown or not formats:
+            known = ", ".join(sorted(Image.OPEN))
+            raise ValueError(f"image_formats {unknown or formats} unknown; Pillow reads {known}")
+        return formats
+
+    @field_validator("rate_limit", "auth_failure_limit")
     @classmethod
     def _valid_rate(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -100,7 +166,7 @@ class ServeSettings(BaseSettings):
         try:
             parse(value)
         except ValueError as err:
-            msg = f"rate_limit {value!r} is not a rate like '100/second': {err}"
+            msg = f"{value!r} is not a rate like '100/second': {err}"
             raise ValueError(msg) from None
         return value
 

@@ -17,18 +17,34 @@ async def health() -> dict[str, str]:
 
 
 def _readiness(request: Request) -> JSONResponse:
-    manager = getattr(request.app.state, "manager", None)
-    body: dict[str, Any] = {"ready": False}
-    if manager is not None:
+    """200 while a version serves and the server is not draining, else 503.
+
+    With API keys configured, a caller without a valid key gets a bare `{"ready": bool}`;
+    operators (and everyone when auth is off) also get the versions and short reasons. Details
+    with paths or hosts stay in the log.
+    """
+    app = request.app
+    manager = getattr(app.state, "manager", None)
+    draining = bool(getattr(app.state, "draining", False))
+    ready = manager is not None and manager.ready and not draining
+    body: dict[str, Any] = {"ready": ready}
+    headers = request.headers
+    if manager is not None and app.state.guard.is_authenticated(
+        headers.get("authorization"), headers.get("x-api-key")
+    ):
         state = manager.state
-        body = {
-            "ready": state is not None,
-            "model_name": manager.model_name,
-            "versions": sorted(state.models) if state else [],
-        }
-        if state is None:
-            body["reason"] = manager.last_error or "models are loading"
-    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+        body["model_name"] = manager.model_name
+        body["versions"] = sorted(state.models) if state else []
+        unavailable = manager.unavailable()
+        if unavailable:
+            body["unavailable"] = unavailable
+        if manager.registry_error is not None:
+            body["registry"] = manager.registry_error
+        if draining:
+            body["reason"] = "shutting down"
+        elif not ready:
+            body["reason"] = manager.not_ready_reason()
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/ready")

@@ -6,12 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from dlpipe.serving.deps import CallerDep, ManagerDep
+from dlpipe.serving.deps import ManagerDep
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/models")
-async def models(manager: ManagerDep, _caller: CallerDep) -> dict[str, Any]:
+async def models(manager: ManagerDep) -> dict[str, Any]:
     """Served versions, the routing plan (champion / A/B) and the last load error."""
     return manager.describe()

@@ -14,7 +14,6 @@ from starlette.formparsers import MultiPartException
 from dlpipe.serving.deps import (
     AUTH_PARAMETERS,
     ROUTING_PARAMETERS,
-    caller_of,
     manager_of,
     routing_of,
 )
@@ -151,7 +150,6 @@ def _response(request: Request, served: ServedModel, predictions: Any) -> dict[s
 async def predict(request: Request) -> JSONResponse:
     """Classify one uploaded image (`file`) or one text (`{"text": ...}`): top-k labels."""
     manager = manager_of(request)
-    caller_of(request)
     kind, payloads, names = await _read_payload(request, "file", "text", 1)
     decoder = _decoder(kind, payloads, names)
     served, logits = await infer(request, manager, *routing_of(request), decoder)
@@ -163,7 +161,6 @@ async def predict(request: Request) -> JSONResponse:
 async def predict_batch(request: Request) -> JSONResponse:
     """Classify many uploaded images (`files`) or texts (`{"texts": [...]}`), in order."""
     manager = manager_of(request)
-    caller_of(request)
     limit = request.app.state.settings.max_batch_items
     kind, payloads, names = await _read_payload(request, "files", "texts", limit)
     decoder = _decoder(kind, payloads, names)

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from dlpipe import __version__
-from dlpipe.serving.deps import AUTH_PARAMETERS, CallerDep, ManagerDep, RoutingDep
+from dlpipe.serving.deps import AUTH_PARAMETERS, ManagerDep, RoutingDep
 from dlpipe.serving.dispatch import infer
 from dlpipe.serving.engine import ShapeMismatchError
 from dlpipe.serving.errors import InvalidRequest, NotFound
@@ -168,7 +168,7 @@ async def model_ready(name: str, manager: ManagerDep) -> dict[str, Any]:
 
 @router.post("/models/{name}/infer", openapi_extra={"parameters": AUTH_PARAMETERS})
 async def infer_default(
-    name: str, request: Request, manager: ManagerDep, _caller: CallerDep, routing: RoutingDep
+    name: str, request: Request, manager: ManagerDep, routing: RoutingDep
 ) -> dict[str, Any]:
     """Inference on the version routing picks (champion or A/B, or X-Model-Version)."""
     return await _infer(request, manager, name, *routing)
@@ -178,7 +178,7 @@ async def infer_default(
     "/models/{name}/versions/{version}/infer", openapi_extra={"parameters": AUTH_PARAMETERS}
 )
 async def infer_version(
-    name: str, version: str, request: Request, manager: ManagerDep, _caller: CallerDep
+    name: str, version: str, request: Request, manager: ManagerDep
 ) -> dict[str, Any]:
     """Inference on exactly `version` (404 when it is not served)."""
     return await _infer(request, manager, name, version, None)
