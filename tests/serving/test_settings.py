@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from serving_helpers import png_bytes
 
 from dlpipe.serving import ServeSettings, create_app, get_settings
 from dlpipe.serving.cli import main as serve_main
@@ -113,6 +115,7 @@ def test_server_without_any_model_is_up_but_not_ready(
             time.sleep(0.02)
         ready = client.get("/ready")
         assert ready.status_code == 503 and "failed" in ready.json()["reason"]
-        r = client.post("/predict", files={"file": ("x.png", b"x", "image/png")})
+        png = png_bytes(np.zeros((28, 28), np.uint8))
+        r = client.post("/predict", files={"file": ("x.png", png, "image/png")})
         assert r.status_code == 503
         assert r.json()["error"]["type"] == "model_unavailable"

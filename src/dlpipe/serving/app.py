@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,6 +23,7 @@ from dlpipe.monitoring.gpu import GpuMonitor, GpuReader
 from dlpipe.routing import RoutingPlan
 from dlpipe.serving.admission import Admission, LoopLagMonitor
 from dlpipe.serving.errors import ServingError, error_body
+from dlpipe.serving.inputs import UploadPolicy
 from dlpipe.serving.manager import ModelManager, freeze_startup_heap
 from dlpipe.serving.middleware import RequestContextMiddleware
 from dlpipe.serving.routes import health, metrics, models, predict, v2
@@ -126,6 +128,9 @@ def create_app(
         app.state.gpu_monitor = gpu
         gpu.start()
         app.state.lag_monitor = lag
+        # Large images are decoded here, off the event loop (Pillow releases the GIL meanwhile).
+        decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        app.state.decode_pool = decode_pool
         manager = ModelManager(
             source or build_source(settings),
             settings,
@@ -142,6 +147,7 @@ def create_app(
             await manager.stop()
             await lag.stop()
             gpu.stop()
+            decode_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="dlpipe inference service",
@@ -153,6 +159,9 @@ def create_app(
     app.state.collector = collector
     app.state.admission = admission
     app.state.guard = guard
+    app.state.upload_policy = UploadPolicy(
+        settings.image_formats, settings.max_image_pixels, settings.max_text_chars
+    )
     # No dependency_overrides here: FastAPI re-analyses every dependency of every request
     # while any override is set (several times the cost of our whole request path).
     _install_error_handlers(app, collector)

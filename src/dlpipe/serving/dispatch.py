@@ -1,13 +1,17 @@
 """Route a request, queue its samples and wait for their logits, within the request deadline.
 
-Routing, decoding and queueing run without an `await` in between, so a routing switch can
-never slip between choosing a version and queueing on it.
+Routing and queueing run without an `await` in between, so a routing switch can never slip
+between choosing a version and queueing on it. Decoding runs there too for small inputs; large
+images are decoded in a worker pool (the event loop keeps answering meanwhile), and when routing
+switched during that decode the request is routed, and decoded, again.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,17 +29,35 @@ from dlpipe.serving.manager import ModelManager
 from dlpipe.serving.served import ServedModel
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """How to build a request's samples for a version, and where (None: on the event loop)."""
+
+    make_samples: Callable[[ServedModel], list[Sample]]
+    pool: Executor | None = None
+
+
 async def infer(
     request: Request,
     manager: ModelManager,
     version: str | None,
     request_key: str | None,
-    make_samples: Callable[[ServedModel], list[Sample]],
+    prepared: Prepared | Callable[[ServedModel], list[Sample]],
 ) -> tuple[ServedModel, list[np.ndarray]]:
-    """Logits for every sample `make_samples(served)` builds, from the routed version."""
+    """Logits for every sample the request's `prepared.make_samples(served)` builds, from the
+    version routing picks."""
+    if not isinstance(prepared, Prepared):
+        prepared = Prepared(prepared)
     for _attempt in range(3):
+        state = manager.state
         served, _route = manager.route(version, request_key)
-        samples = make_samples(served)
+        if prepared.pool is None:
+            samples = prepared.make_samples(served)
+        else:
+            loop = asyncio.get_running_loop()
+            samples = await loop.run_in_executor(prepared.pool, prepared.make_samples, served)
+            if manager.state is not state:
+                continue  # routing switched while decoding: route (and decode) again
         timeout = remaining_s(request.state, served.timeout_s)
         if timeout <= 0:
             raise DeadlineExceeded("the request deadline passed before inference started")

@@ -51,6 +51,11 @@ class PayloadTooLarge(ServingError):
     error_type = "payload_too_large"
 
 
+class UnsupportedMediaType(ServingError):
+    status_code = 415
+    error_type = "unsupported_media_type"
+
+
 class RateLimited(ServingError):
     status_code = 429
     error_type = "rate_limited"

@@ -1,6 +1,9 @@
 """Request payloads to model inputs, through the model's own `DataPreprocessor` (as in training).
 
-Every failure is an `InvalidRequest` (HTTP 400) whose message says what was wrong.
+`UploadPolicy` looks at what arrived before any model is involved: image formats and sizes are
+read from the headers (no pixel is decoded for an image that will be refused), texts are
+measured before tokenizing. `InputDecoder` then turns accepted payloads into model inputs.
+Every failure is a 4xx whose message says what was wrong.
 """
 
 from __future__ import annotations
@@ -11,9 +14,60 @@ from typing import Any
 import numpy as np
 
 from dlpipe.config import PreprocessingConfig
-from dlpipe.serving.errors import InvalidRequest
+from dlpipe.serving.errors import InvalidRequest, PayloadTooLarge
 
 Sample = np.ndarray | dict[str, np.ndarray]
+
+
+INLINE_DECODE_PIXELS = 512 * 512
+"""Requests with fewer pixels in all are decoded on the event loop (a thread hop costs more than
+decoding a thumbnail); larger ones go to the decode pool so the loop keeps answering."""
+
+
+class UploadPolicy:
+    """What the service accepts, checked before decoding: image formats and pixel counts (from
+    the image headers), text lengths."""
+
+    def __init__(self, formats: list[str], max_pixels: int, max_text_chars: int) -> None:
+        self.formats = [f.upper() for f in formats]
+        self.max_pixels = max_pixels
+        self.max_text_chars = max_text_chars
+
+    def image_pixels(self, data: bytes, field: str) -> int:
+        """Width x height from the header; 415 for another format, 413 beyond the budget."""
+        import io
+        import warnings
+
+        from PIL import Image
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                # Only the formats we accept are even tried: no other decoder sees the bytes.
+                image = Image.open(io.BytesIO(data), formats=self.formats)
+        except Image.DecompressionBombError:
+            raise PayloadTooLarge(f"{field}: image has more pixels than decoders allow") from None
+        except Exception:
+            head = bytes(data[:8]).hex(" ")
+            raise InvalidRequest(
+                f"{field}: not a readable {' or '.join(self.formats)} image ({len(data)} bytes, "
+                f"first bytes {head}); accepted formats: {', '.join(self.formats)}"
+            ) from None
+        width, height = image.size
+        pixels = width * height
+        if pixels > self.max_pixels:
+            raise PayloadTooLarge(
+                f"{field}: image is {width}x{height} ({pixels} pixels), more than the "
+                f"{self.max_pixels} pixels accepted"
+            )
+        return pixels
+
+    def check_text(self, text: Any, field: str) -> None:
+        if isinstance(text, str) and len(text) > self.max_text_chars:
+            raise PayloadTooLarge(
+                f"{field}: text of {len(text)} characters exceeds the limit of "
+                f"{self.max_text_chars}"
+            )
 
 
 class InputDecoder:

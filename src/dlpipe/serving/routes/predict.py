@@ -17,17 +17,12 @@ from dlpipe.serving.deps import (
     manager_of,
     routing_of,
 )
-from dlpipe.serving.dispatch import infer
-from dlpipe.serving.errors import InvalidRequest, ServingError
-from dlpipe.serving.inputs import Sample
+from dlpipe.serving.dispatch import Prepared, infer
+from dlpipe.serving.errors import InvalidRequest, UnsupportedMediaType
+from dlpipe.serving.inputs import INLINE_DECODE_PIXELS, Sample
 from dlpipe.serving.served import ServedModel
 
 router = APIRouter(tags=["predict"])
-
-
-class UnsupportedMediaType(ServingError):
-    status_code = 415
-    error_type = "unsupported_media_type"
 
 
 def _body_doc(field: str, many: bool) -> dict[str, Any]:
@@ -124,13 +119,24 @@ async def _read_payload(
     )
 
 
-def _decoder(kind: str, payloads: list[Any], names: list[str]) -> Any:
+def _prepare(request: Request, kind: str, payloads: list[Any], names: list[str]) -> Prepared:
+    """Check the payloads against the upload policy (before any decoding) and say how to turn
+    them into samples for whichever version routing picks."""
+    policy = request.app.state.upload_policy
+    pixels = 0
+    for payload, name in zip(payloads, names, strict=True):
+        if kind == "image":
+            pixels += policy.image_pixels(payload, name)
+        else:
+            policy.check_text(payload, name)
+
     def make_samples(served: ServedModel) -> list[Sample]:
         if kind == "image":
             return [served.decoder.image(p, n) for p, n in zip(payloads, names, strict=True)]
         return [served.decoder.text(p, n) for p, n in zip(payloads, names, strict=True)]
 
-    return make_samples
+    offload = kind == "image" and pixels > INLINE_DECODE_PIXELS
+    return Prepared(make_samples, request.app.state.decode_pool if offload else None)
 
 
 def _response(request: Request, served: ServedModel, predictions: Any) -> dict[str, Any]:
@@ -151,8 +157,8 @@ async def predict(request: Request) -> JSONResponse:
     """Classify one uploaded image (`file`) or one text (`{"text": ...}`): top-k labels."""
     manager = manager_of(request)
     kind, payloads, names = await _read_payload(request, "file", "text", 1)
-    decoder = _decoder(kind, payloads, names)
-    served, logits = await infer(request, manager, *routing_of(request), decoder)
+    prepared = _prepare(request, kind, payloads, names)
+    served, logits = await infer(request, manager, *routing_of(request), prepared)
     k = request.app.state.settings.top_k
     return JSONResponse(_response(request, served, served.top_k(logits[0], k)))
 
@@ -163,8 +169,8 @@ async def predict_batch(request: Request) -> JSONResponse:
     manager = manager_of(request)
     limit = request.app.state.settings.max_batch_items
     kind, payloads, names = await _read_payload(request, "files", "texts", limit)
-    decoder = _decoder(kind, payloads, names)
-    served, logits = await infer(request, manager, *routing_of(request), decoder)
+    prepared = _prepare(request, kind, payloads, names)
+    served, logits = await infer(request, manager, *routing_of(request), prepared)
     k = request.app.state.settings.top_k
     body = _response(request, served, [served.top_k(row, k) for row in logits])
     body["inputs"] = names
