@@ -53,6 +53,19 @@ class CaptureRestoredState(pl.Callback):
         self.rng = torch.get_rng_state()
 
 
+def _assert_plain(value: Any, where: str = "") -> None:
+    """Only tensors, numbers, strings and containers: loadable with weights_only=True as is."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert isinstance(k, str | int), where
+            _assert_plain(v, f"{where}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _assert_plain(v, f"{where}[{i}]")
+    else:
+        assert value is None or type(value) in (torch.Tensor, int, float, str, bool), where
+
+
 def _assert_tree_equal(a: Any, b: Any, where: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
@@ -116,7 +129,7 @@ def test_checkpoint_round_trip_preserves_training_state(tiny: SimpleNamespace, r
         # A checkpoint from the middle of that run, saved as training went on.
         ckpt = next((root / "a").glob(f"epoch{run.stop_after - 1:03d}-*.ckpt"))
         assert verify_checkpoint(ckpt) is None
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
 
         pl.seed_everything(run.seed + 1, verbose=False)  # resuming must not depend on this
         capture = CaptureRestoredState()
@@ -155,7 +168,7 @@ def test_every_checkpoint_contains_weights_optimizer_and_metadata(
         files = sorted(root.glob("*.ckpt"))
         assert root / "last.ckpt" in files
         assert len(files) == 1 + min(top_k, run.epochs)
-        contents = [(f, torch.load(f, map_location="cpu", weights_only=False)) for f in files]
+        contents = [(f, torch.load(f, map_location="cpu", weights_only=True)) for f in files]
         for path, ckpt in contents:
             assert verify_checkpoint(path) is None, path  # checksum sidecar matches
             assert ckpt["state_dict"].keys() == model.state_dict().keys()
@@ -164,6 +177,7 @@ def test_every_checkpoint_contains_weights_optimizer_and_metadata(
             assert 0 <= ckpt["epoch"] < run.epochs and ckpt["global_step"] > 0
             assert ckpt["hyper_parameters"]["learning_rate"] == run.lr
             extra = ckpt["callbacks"][ResumeStateCallback.__name__]
+            _assert_plain(extra, "ResumeStateCallback")  # nothing needs a safe-globals entry
             assert set(extra["rng"]) == {"torch", "cuda", "numpy", "python"}
             assert extra["sampler"]["epoch"] == ckpt["epoch"] + 1
             assert extra["sampler"]["global_step"] == ckpt["global_step"]

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from dlpipe.config import PipelineConfig, save_config
 from dlpipe.training import train
+from dlpipe.training.checkpoint import verify_checkpoint
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
@@ -52,7 +53,9 @@ def test_ddp_two_processes_end_to_end(
     assert sorted(m.step for m in history) == [0, 1]
     # 256 samples, 64 per process and batch, 2 processes: 2 optimizer steps per epoch.
     last = Path(result.checkpoint or "").with_name("last.ckpt")
-    assert torch.load(last, weights_only=False)["global_step"] == 4
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    for ckpt in (Path(result.checkpoint or ""), last):  # rank 0 wrote them through the plugin
+        assert verify_checkpoint(ckpt) is None, ckpt
 
 
 def test_killed_rank_ends_the_whole_job_quickly(
@@ -111,3 +114,9 @@ def test_ray_two_workers_train_and_register(
     run = MlflowClient(tmp_mlflow_uri).get_run(result.run_id)
     assert run.data.params["training.strategy"] == "ray"
     assert "val/acc" in run.data.metrics and run.data.metrics["data/skipped_samples"] == 0
+    # The workers wrote through ChecksummedCheckpointIO: every checkpoint has a matching sidecar.
+    run_dir = Path(cfg.training.checkpoint_dir) / result.run_id
+    files = sorted(run_dir.glob("*.ckpt"))
+    assert run_dir / "last.ckpt" in files and Path(result.checkpoint or "") in files
+    for ckpt in files:
+        assert verify_checkpoint(ckpt) is None, ckpt

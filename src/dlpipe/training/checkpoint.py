@@ -1,15 +1,15 @@
 """Checkpoints that can be trusted: checksums, exact resume state, fallback on corruption.
 
-Every checkpoint `X.ckpt` written by `VerifiedModelCheckpoint` gets a sidecar `X.ckpt.sha256`.
-`resolve_checkpoint(path)` checks it before a resume; a corrupted file is skipped with a warning
-in favour of the newest good checkpoint beside it. `ResumeStateCallback` stores what Lightning
-does not: RNG states (torch, CUDA, numpy, python), the sampler position and the learning rates,
-so a resumed run continues exactly as an uninterrupted one.
+Files are written and read by `ChecksummedCheckpointIO` (see `checkpoint_io.py`): every
+`X.ckpt` gets a sidecar `X.ckpt.sha256`, and loading is always weights-only. `LastCheckpoint`
+refreshes `last.ckpt` every epoch. `resolve_checkpoint(path)` checks the sidecar before a resume;
+a corrupted file is skipped with a warning in favour of the newest *verified* checkpoint beside it.
+`ResumeStateCallback` stores what Lightning does not: RNG states (torch, CUDA, numpy, python), the
+sampler position and the learning rates, so a resumed run continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 import warnings
 from pathlib import Path
@@ -18,85 +18,88 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
-CHECKSUM_SUFFIX = ".sha256"
+from dlpipe.training.checkpoint_io import (
+    CHECKSUM_SUFFIX,
+    CheckpointError,
+    ChecksummedCheckpointIO,
+    Integrity,
+    check_checkpoint,
+    checksum_path,
+    file_sha256,
+    load_checkpoint_file,
+    verify_checkpoint,
+    write_checksum,
+)
 
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint: the one asked for is missing or corrupted and none is left."""
+__all__ = [
+    "CHECKSUM_SUFFIX",
+    "CheckpointCorruptedWarning",
+    "CheckpointError",
+    "ChecksummedCheckpointIO",
+    "LastCheckpoint",
+    "ResumeStateCallback",
+    "UnverifiedCheckpointWarning",
+    "check_checkpoint",
+    "checksum_path",
+    "config_from_checkpoint",
+    "file_sha256",
+    "load_checkpoint_file",
+    "load_verified_checkpoint",
+    "resolve_checkpoint",
+    "verify_checkpoint",
+    "write_checksum",
+]
 
 
 class CheckpointCorruptedWarning(UserWarning):
-    """A checkpoint failed verification and an older good one is used instead."""
+    """A checkpoint failed verification and an older verified one is used instead."""
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checksum_path(path: str | Path) -> Path:
-    return Path(str(path) + CHECKSUM_SUFFIX)
-
-
-def write_checksum(path: str | Path) -> Path:
-    """Write `<path>.sha256` (`<hex>  <file name>`, the sha256sum format)."""
-    sidecar = checksum_path(path)
-    sidecar.write_text(f"{file_sha256(path)}  {Path(path).name}\n")
-    return sidecar
-
-
-def verify_checkpoint(path: str | Path) -> str | None:
-    """Return None when `path` is intact, else why it is not usable."""
-    p = Path(path)
-    if not p.is_file():
-        return f"{p} does not exist"
-    sidecar = checksum_path(p)
-    if sidecar.is_file():
-        expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
-        actual = file_sha256(p)
-        if actual != expected:
-            return f"{p}: checksum mismatch (expected {expected[:12]}…, got {actual[:12]}…)"
-        return None
-    # No sidecar (e.g. a checkpoint from elsewhere): at least it must load.
-    try:
-        torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as err:  # any unpickling failure means unusable
-        return f"{p}: cannot be read ({type(err).__name__}: {err})"
-    return None
+class UnverifiedCheckpointWarning(UserWarning):
+    """The checkpoint asked for has no checksum; it is used, loaded as weights only."""
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint to resume from: `path` if intact, else the newest good one beside it.
+    """The checkpoint to resume from: `path` unless missing or corrupt, else the newest verified
+    checkpoint beside it.
+
+    `path` without a sidecar is used as given (it was named explicitly; it will be loaded
+    weights-only). The fallback only takes files whose sidecar matches: nothing else in the
+    directory is ever opened as a checkpoint.
 
     Raises:
-        CheckpointError: `path` is unusable and no good checkpoint is in its directory.
+        CheckpointError: `path` is unusable and no verified checkpoint is in its directory.
     """
     p = Path(path)
-    problem = verify_checkpoint(p)
-    if problem is None:
+    integrity, why = check_checkpoint(p)
+    if integrity is Integrity.VERIFIED:
+        return p
+    if integrity is Integrity.UNVERIFIED:
+        warnings.warn(
+            f"{why}; using it as named, loaded as weights only",
+            UnverifiedCheckpointWarning,
+            stacklevel=2,
+        )
         return p
     if not p.parent.is_dir():
-        raise CheckpointError(problem)
+        raise CheckpointError(why)
     candidates = sorted(
         (c for c in p.parent.glob("*.ckpt") if c.resolve() != p.resolve()),
         key=lambda c: c.stat().st_mtime,
         reverse=True,
     )
     for candidate in candidates:
-        if verify_checkpoint(candidate) is None:
+        if check_checkpoint(candidate)[0] is Integrity.VERIFIED:
             warnings.warn(
-                f"{problem}; resuming from the previous good checkpoint {candidate}",
+                f"{why}; resuming from the previous good checkpoint {candidate}",
                 CheckpointCorruptedWarning,
                 stacklevel=2,
             )
             return candidate
-    raise CheckpointError(f"{problem}; no other good checkpoint in {p.parent}")
+    raise CheckpointError(f"{why}; no other good checkpoint (checksum verified) in {p.parent}")
 
 
 def config_from_checkpoint(contents: dict[str, Any]) -> dict[str, Any] | None:
@@ -109,55 +112,56 @@ def config_from_checkpoint(contents: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def load_verified_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Resolve (with fallback) and load a checkpoint on the CPU; returns (path used, contents)."""
+    """Resolve (with fallback) and load a checkpoint weights-only on the CPU; returns
+    (path used, contents).
+
+    Raises:
+        CheckpointError: nothing usable, or the file needs more than plain data to load.
+    """
     used = resolve_checkpoint(path)
-    return used, torch.load(used, map_location="cpu", weights_only=False)
+    return used, load_checkpoint_file(used)
 
 
-class VerifiedModelCheckpoint(ModelCheckpoint):
-    """Lightning's top-k + last checkpointing, plus a `.sha256` sidecar for every file.
+class LastCheckpoint(Checkpoint):
+    """Writes `dirpath/last.ckpt` at the end of every training epoch (and when training ends).
 
-    `last.ckpt` is rewritten every epoch; Lightning 2.6 only refreshes it when a top-k file
-    was written in the same step, which would leave a stale `last` to resume from.
+    `ModelCheckpoint(save_last=True)` in Lightning 2.6.6 refreshes `last` at an epoch end only
+    when it wrote a top-k file in the same step (`_last_global_step_saved == global_step`), so an
+    epoch outside the top k, or `save_top_k=0`, would leave a stale `last.ckpt` to resume from.
+    As a `Checkpoint`, Lightning runs this hook after every other callback's and after a
+    `ModelCheckpoint` listed before it: the file holds their state for this epoch.
+
+    Args:
+        dirpath: directory of `last.ckpt`.
     """
 
-    _last_saved_step = -1
+    FILE_NAME = "last.ckpt"
 
-    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: Any) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        self._last_saved_step = trainer.global_step
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+        self.last_model_path = ""
+        self.saved_step: int | None = None
 
-    def _refresh_last(self, trainer: pl.Trainer) -> None:
-        from lightning.pytorch.trainer.states import TrainerFn
-
-        if (
-            self.save_last
-            and self._last_saved_step != trainer.global_step
-            and trainer.state.fn == TrainerFn.FITTING
-            and not trainer.sanity_checking
-            and not getattr(trainer, "fast_dev_run", False)
-        ):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.saved_step = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
+        self.save(trainer)
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero and Path(filepath).is_file():
-            write_checksum(filepath)
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Also when no epoch ran (a resume of a finished run), as ModelCheckpoint does for `last`.
+        if self.saved_step != trainer.global_step:
+            self.save(trainer)
 
-    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._remove_checkpoint(trainer, filepath)
-        if trainer.is_global_zero:
-            checksum_path(filepath).unlink(missing_ok=True)
+    def save(self, trainer: pl.Trainer) -> None:
+        """Write `last.ckpt` now (every rank calls this; the strategy writes on rank 0)."""
+        fast_dev_run = getattr(trainer, "fast_dev_run", False)  # set by Trainer, not annotated
+        if trainer.sanity_checking or fast_dev_run or trainer.state.fn != TrainerFn.FITTING:
+            return
+        path = self.dirpath / self.FILE_NAME
+        trainer.save_checkpoint(path)
+        self.saved_step = trainer.global_step
+        self.last_model_path = str(path)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -197,15 +201,17 @@ class ResumeStateCallback(Callback):
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = config
-        self._pending: dict[str, Any] | None = None
+        self.pending_rng: dict[str, Any] | None = None
+        self.trainer: pl.Trainer | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         position: dict[str, int] = {}
         learning_rates: list[float] = []
         if trainer is not None:
+            epochs: Any = trainer.fit_loop.epoch_progress.current  # a processed-tracker
             position = {
-                "epoch": int(trainer.fit_loop.epoch_progress.current.processed),
+                "epoch": int(epochs.processed),
                 "batches_seen_in_epoch": int(
                     trainer.fit_loop.epoch_loop.batch_progress.current.ready
                 ),
@@ -222,22 +228,22 @@ class ResumeStateCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict.get("rng")
-        if self._pending is not None:
-            _set_rng_state(self._pending)
+        self.pending_rng = state_dict.get("rng")
+        if self.pending_rng is not None:
+            _set_rng_state(self.pending_rng)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = trainer
+        self.trainer = trainer
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The sanity check after a restore draws from the RNG; put the saved state back.
-        if self._pending is not None:
-            _set_rng_state(self._pending)
+        if self.pending_rng is not None:
+            _set_rng_state(self.pending_rng)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pending = None
+        self.pending_rng = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_trainer", None)
+        state["trainer"] = None  # spawn/Ray pickle callbacks; the trainer is set again in setup
         return state

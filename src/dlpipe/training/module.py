@@ -125,7 +125,8 @@ class LightningModel(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()
 
-    def _total_steps(self) -> int:
+    def schedule_steps(self) -> int:
+        """Optimizer steps the LR schedule spans: `total_steps`, else the trainer's estimate."""
         if self.total_steps is not None:
             return self.total_steps
         steps = int(self.trainer.estimated_stepping_batches)
@@ -139,7 +140,7 @@ class LightningModel(pl.LightningModule):
         )
         if self.scheduler_name == "none":
             return optimizer
-        total = max(1, self._total_steps())
+        total = max(1, self.schedule_steps())
         scheduler: torch.optim.lr_scheduler.LRScheduler
         if self.scheduler_name == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)

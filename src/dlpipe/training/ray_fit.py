@@ -31,19 +31,26 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         prepare_trainer,
     )
 
+    from dlpipe.training.checkpoint import ChecksummedCheckpointIO
+    from dlpipe.training.trainer import fit_outcome
+
     runner: DistributedTrainer = config["runner"]
     callbacks = [*runner.callbacks(), RayTrainReportCallback()]
     backend = "nccl" if runner.cfg.training.num_gpus > 0 else "gloo"
+    # RayDDPStrategy is a DDPStrategy built without a checkpoint_io, so the Trainer hands it the
+    # CheckpointIO from `plugins` (Lightning refuses only when both set one).
     trainer = runner.lightning_trainer(
         strategy=RayDDPStrategy(process_group_backend=backend),
-        plugins=[RayLightningEnvironment()],
+        plugins=[RayLightningEnvironment(), ChecksummedCheckpointIO()],
         devices="auto",
         callbacks=callbacks,
     )
     trainer = prepare_trainer(trainer)
+    if not isinstance(trainer.strategy.checkpoint_io, ChecksummedCheckpointIO):
+        raise RuntimeError(f"Ray strategy ignored the checkpoint plugin: {trainer.strategy}")
     trainer.fit(config["model"], datamodule=config["datamodule"], ckpt_path=config["ckpt_path"])
     if trainer.is_global_zero:
-        outcome = runner._outcome(trainer)
+        outcome = fit_outcome(trainer)
         (runner.checkpoint_dir / OUTCOME_FILE).write_text(json.dumps(outcome.__dict__))
 
 
@@ -111,8 +118,9 @@ def fit_with_ray(
     outcome = FitOutcome(**json.loads(outcome_file.read_text()))
     weights_from = outcome.best_checkpoint or outcome.last_checkpoint
     if weights_from and Path(weights_from).is_file():
-        from dlpipe.training.checkpoint import load_verified_checkpoint
+        from dlpipe.training.checkpoint import load_checkpoint_file
 
-        _, contents = load_verified_checkpoint(weights_from)
+        # Exactly the file the outcome names (no fallback), verified, weights only.
+        contents = load_checkpoint_file(weights_from, require_checksum=True)
         model.load_state_dict(contents["state_dict"])
     return outcome

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from dlpipe.config import PipelineConfig
@@ -26,7 +25,11 @@ from dlpipe.tracking.experiment import ExperimentTracker
 from dlpipe.tracking.metadata import ModelMetadata, utc_now
 from dlpipe.tracking.package import save_model_package
 from dlpipe.training.artifacts import save_confusion_matrix_png, save_model_summary
-from dlpipe.training.checkpoint import config_from_checkpoint, resolve_checkpoint
+from dlpipe.training.checkpoint import (
+    config_from_checkpoint,
+    load_checkpoint_file,
+    load_verified_checkpoint,
+)
 from dlpipe.training.devices import check_devices
 from dlpipe.training.module import LightningModel
 from dlpipe.training.trainer import DistributedTrainer, TrainingError
@@ -97,9 +100,16 @@ PLAN_FIELDS = (
 )
 
 
-def check_resume_plan(cfg: PipelineConfig, checkpoint: Path) -> None:
-    """Refuse a resume whose schedule-defining settings differ from the checkpoint's run."""
-    contents = torch.load(checkpoint, map_location="cpu", weights_only=False)
+def check_resume_plan(
+    cfg: PipelineConfig, checkpoint: Path, contents: dict[str, Any] | None = None
+) -> None:
+    """Refuse a resume whose schedule-defining settings differ from the checkpoint's run.
+
+    Args:
+        contents: the checkpoint already loaded; else it is loaded (weights only).
+    """
+    if contents is None:
+        contents = load_checkpoint_file(checkpoint)
     stored = config_from_checkpoint(contents)
     if stored is None:
         return
@@ -128,14 +138,16 @@ def train(
     Args:
         cfg: the pipeline config.
         resume_from: checkpoint to resume from (verified; a corrupted one falls back to the
-            previous good checkpoint beside it, with a warning).
+            previous verified checkpoint beside it, with a warning; one without a checksum is
+            used as named). Loaded weights-only: a file that needs code to unpickle is refused.
         callbacks: extra Lightning callbacks.
         datamodule: use this instead of `dlpipe.data.build_datamodule(cfg)`.
     """
     check_devices(cfg.training)
-    resume_path = resolve_checkpoint(resume_from) if resume_from else None
-    if resume_path is not None:
-        check_resume_plan(cfg, resume_path)
+    resume_path = None
+    if resume_from:
+        resume_path, contents = load_verified_checkpoint(resume_from)
+        check_resume_plan(cfg, resume_path, contents)
     pl.seed_everything(cfg.training.seed, workers=True, verbose=False)
     if datamodule is None:
         from dlpipe.data import build_datamodule
@@ -170,13 +182,11 @@ def _train_tracked(
         resume_path.parent if resume_path else Path(cfg.training.checkpoint_dir) / run_id
     )
     runner = DistributedTrainer(cfg, tracker, callbacks, checkpoint_dir)
-    if resume_path is not None:
-        runner.load_checkpoint(resume_path)
+    runner.resume_path = resume_path  # already resolved and loaded by train()
     outcome = runner.train(model, datamodule)
     best = outcome.best_checkpoint or outcome.last_checkpoint
     if best:  # test and ship the best epoch, not merely the last one
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict(state)
+        model.load_state_dict(load_checkpoint_file(best, require_checksum=True)["state_dict"])
     test_metrics = runner.test(model, datamodule)
     skipped = float(getattr(datamodule, "skipped_samples", 0))
     tracker.log_metrics({**test_metrics, "data/skipped_samples": skipped}, step=outcome.epochs)

@@ -18,17 +18,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 from dlpipe.config import PipelineConfig
 from dlpipe.tracking.experiment import ExperimentTracker
 from dlpipe.training.callbacks import MLflowEpochLogger
 from dlpipe.training.checkpoint import (
+    ChecksummedCheckpointIO,
+    LastCheckpoint,
     ResumeStateCallback,
-    VerifiedModelCheckpoint,
     load_verified_checkpoint,
-    write_checksum,
 )
 
 # Bounds a collective that waits on a peer that hangs without dying (a dead peer's closed socket
@@ -49,6 +49,19 @@ class FitOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     epochs: int = 0
     global_step: int = 0
+
+
+def fit_outcome(trainer: pl.Trainer) -> FitOutcome:
+    """The outcome of `trainer.fit`: best/last checkpoint paths from its checkpoint callbacks
+    (the first that knows each), the final metrics, the epoch and step reached."""
+    best = last = ""
+    for callback in trainer.checkpoint_callbacks:
+        best = best or getattr(callback, "best_model_path", "")
+        last = last or getattr(callback, "last_model_path", "")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return FitOutcome(
+        best or None, last or None, metrics, trainer.current_epoch, trainer.global_step
+    )
 
 
 def _allow_locks_in_spawned_workers() -> None:
@@ -120,15 +133,19 @@ class DistributedTrainer:
         """Checkpointing (top-k + last), exact-resume state, early stopping, tracking."""
         t = self.cfg.training
         out: list[Callback] = [
-            VerifiedModelCheckpoint(
+            # Top-k and `last` are both written at the end of each training epoch; `last` by
+            # LastCheckpoint, which Lightning runs after this one (see its docstring).
+            ModelCheckpoint(
                 dirpath=self.checkpoint_dir,
                 filename="epoch{epoch:03d}-step{step:06d}",
                 auto_insert_metric_name=False,
                 monitor=t.monitor if t.save_top_k > 0 else None,
                 mode=t.monitor_mode,
                 save_top_k=t.save_top_k,
-                save_last=True,
+                save_last=False,
+                save_on_train_epoch_end=True,
             ),
+            LastCheckpoint(self.checkpoint_dir),
             ResumeStateCallback(self.cfg.model_dump(mode="json")),
         ]
         if t.early_stopping_patience is not None:
@@ -168,6 +185,7 @@ class DistributedTrainer:
             "gradient_clip_val": t.gradient_clip_val,
             "deterministic": t.deterministic,
             "callbacks": self.callbacks(),
+            "plugins": [ChecksummedCheckpointIO()],
             "logger": False,
             "enable_progress_bar": t.progress_bar,
             "enable_model_summary": t.progress_bar,
@@ -197,7 +215,7 @@ class DistributedTrainer:
             raise
         except BaseException as err:
             raise self._explain(err) from err
-        return self._outcome(self.trainer)
+        return fit_outcome(self.trainer)
 
     def _explain(self, err: BaseException) -> BaseException:
         batch = self.cfg.training.batch_size
@@ -212,13 +230,6 @@ class DistributedTrainer:
         if death is not None:
             return TrainingError(f"{death}; the whole job was stopped")
         return err
-
-    def _outcome(self, trainer: pl.Trainer) -> FitOutcome:
-        ckpt = trainer.checkpoint_callback
-        best = getattr(ckpt, "best_model_path", "") or None
-        last = getattr(ckpt, "last_model_path", "") or None
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        return FitOutcome(best, last, metrics, trainer.current_epoch, trainer.global_step)
 
     def test(
         self, model: pl.LightningModule, datamodule: pl.LightningDataModule
@@ -238,8 +249,7 @@ class DistributedTrainer:
         """Write the current training state (after `train`) to `path`, with its checksum."""
         if self.trainer is None:
             raise TrainingError("nothing to save: call train() first")
-        self.trainer.save_checkpoint(str(path))
-        write_checksum(path)
+        self.trainer.save_checkpoint(str(path))  # through ChecksummedCheckpointIO
         return Path(path)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
