@@ -30,7 +30,7 @@ class StopAfterEpoch(pl.Callback):
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
 RESUME_OVERRIDES = (
@@ -51,11 +51,11 @@ def test_resumed_run_ends_with_the_same_weights(
     full = train(cfg)
     stopped = train(cfg, callbacks=[StopAfterEpoch(1)])
     stopped_last = ckpt_root / stopped.run_id / "last.ckpt"
-    assert torch.load(stopped_last, weights_only=False)["epoch"] == 0
+    assert torch.load(stopped_last, weights_only=True)["epoch"] == 0
     after_epoch_1 = _final_weights(ckpt_root / stopped.run_id)
     resumed = train(cfg, resume_from=str(stopped_last))
     # Resuming continues in the checkpoint's own folder: its last.ckpt now holds epoch 3.
-    assert torch.load(stopped_last, weights_only=False)["epoch"] == 2
+    assert torch.load(stopped_last, weights_only=True)["epoch"] == 2
 
     want = _final_weights(ckpt_root / full.run_id)
     got = _final_weights(ckpt_root / stopped.run_id)

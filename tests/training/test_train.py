@@ -58,7 +58,7 @@ def test_train_logs_everything_and_registers_a_version(
     assert metadata.preprocessing_config == cfg.preprocessing
     # The packaged weights are the tested (best) model.
     net = load_torch_model(package)
-    best = torch.load(result.checkpoint, weights_only=False)["state_dict"]
+    best = torch.load(result.checkpoint, weights_only=True)["state_dict"]
     for key, value in net.state_dict().items():
         assert torch.equal(value, best[f"net.{key}"])
 
