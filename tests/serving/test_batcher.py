@@ -88,7 +88,7 @@ def test_a_lone_request_with_nobody_on_the_way_runs_at_once() -> None:
     assert calls == [[1], [2, 3]] and left == 0
 
 
-def test_exception_reaches_every_future_of_the_batch() -> None:
+def test_an_exception_of_every_item_reaches_every_future() -> None:
     def boom(items: list[int]) -> list[int]:
         raise RuntimeError("model exploded")
 
@@ -112,7 +112,53 @@ def test_wrong_number_of_results_is_an_error_not_a_mixup() -> None:
         return out
 
     results = asyncio.run(main())
-    assert all(isinstance(r, RuntimeError) and "returned 2 results" in str(r) for r in results)
+    assert all(isinstance(r, RuntimeError) and " results" in str(r) for r in results)
+    assert all("returned" in str(r) for r in results)
+
+
+def test_one_bad_item_fails_alone_and_its_neighbours_are_answered() -> None:
+    calls: list[list[int]] = []
+
+    def picky(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if 5 in items:
+            raise ValueError("item 5 is poison")
+        return [10 * x for x in items]
+
+    async def main() -> list[BaseException | int]:
+        b = MicroBatcher(picky, max_batch_size=8, max_wait_s=0.5, capacity=16)
+        b.start()
+        out = await asyncio.gather(*(b.submit(i, 5.0) for i in range(8)), return_exceptions=True)
+        await b.close()
+        return out
+
+    results = asyncio.run(main())
+    assert results[:5] == [0, 10, 20, 30, 40] and results[6:] == [60, 70]
+    assert isinstance(results[5], ValueError)
+    assert calls[0] == list(range(8)) and [5] in calls  # bisected down to the culprit
+    assert len(calls) <= 1 + 2 * 3  # log2(8) levels, two halves each
+
+
+def test_only_samples_of_one_signature_are_batched_together() -> None:
+    calls: list[list[tuple[int, str]]] = []
+
+    def run(items: list[tuple[int, str]]) -> list[str]:
+        calls.append(list(items))
+        assert len({kind for _, kind in items}) == 1  # stacking mixed shapes would fail
+        return [f"{kind}{n}" for n, kind in items]
+
+    async def main() -> list[str]:
+        b = MicroBatcher(
+            run, max_batch_size=8, max_wait_s=0.5, capacity=16, signature=lambda item: item[1]
+        )
+        b.start()
+        items = [(0, "a"), (1, "b"), (2, "a"), (3, "b"), (4, "a")]
+        out = await asyncio.gather(*(b.submit(item, 5.0) for item in items))
+        await b.close()
+        return list(out)
+
+    assert asyncio.run(main()) == ["a0", "b1", "a2", "b3", "a4"]
+    assert calls == [[(0, "a"), (2, "a"), (4, "a")], [(1, "b"), (3, "b")]]
 
 
 def test_full_queue_sheds_load_with_retry_after() -> None:

@@ -59,7 +59,7 @@ def test_v2_metadata_health_and_errors(client: TestClient) -> None:
     assert r.status_code == 400  # the body is checked before the version
     bad = {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0]}
     r = client.post("/v2/models/fashion/infer", json={"inputs": [bad]})
-    assert r.status_code == 400 and "needs 784 values, got 1" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "needs 784 values, got 1" in r.json()["error"]
 
 
 def test_batch_upload_keeps_order_and_top_k(client: TestClient) -> None:

@@ -374,6 +374,13 @@ class DataPreprocessor:
 
     # -- text ------------------------------------------------------------------------------
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to `vocab_size - 1` (text preprocessors only)."""
+        if self._tokenizer is None:
+            raise InvalidInputError("this preprocessor is for images; it has no vocabulary")
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
     def tokenize(self, texts: list[Any]) -> dict[str, np.ndarray]:
         """Texts → int64 `input_ids` and `attention_mask`, N×max_sequence_length."""
         if not self.is_text:

@@ -67,7 +67,7 @@ def _install_error_handlers(app: FastAPI, collector: MetricsCollector) -> None:
     async def serving_error(request: Request, err: ServingError) -> JSONResponse:
         collector.record_error(err.error_type, err.message)
         return JSONResponse(
-            error_body(err.error_type, err.message, _request_id(request)),
+            error_body(err.error_type, err.message, _request_id(request), request.url.path),
             status_code=err.status_code,
             headers=err.headers(),
         )
@@ -78,7 +78,8 @@ def _install_error_handlers(app: FastAPI, collector: MetricsCollector) -> None:
         message = "invalid request: " + "; ".join(parts)
         collector.record_error("invalid_input", message)
         return JSONResponse(
-            error_body("invalid_input", message, _request_id(request)), status_code=400
+            error_body("invalid_input", message, _request_id(request), request.url.path),
+            status_code=400,
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -86,7 +87,7 @@ def _install_error_handlers(app: FastAPI, collector: MetricsCollector) -> None:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         collector.record_error(kind, f"{request.method} {request.url.path}: {err.detail}")
         return JSONResponse(
-            error_body(kind, str(err.detail), _request_id(request)),
+            error_body(kind, str(err.detail), _request_id(request), request.url.path),
             status_code=err.status_code,
             headers=getattr(err, "headers", None),
         )

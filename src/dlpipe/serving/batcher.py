@@ -8,8 +8,11 @@
 Inside: a bounded deque of pending requests (one future each), a "full batch" event, and a
 max-wait timeout counted from when the oldest request arrived; with an `Arrivals` count the
 wait is skipped (or cut short) when no other request is on its way. A batch runs on a
-dedicated thread so the event loop keeps accepting requests meanwhile; its exception reaches
-every future of the batch.
+dedicated thread so the event loop keeps accepting requests meanwhile.
+
+One bad request must not fail its neighbours: only items with the same `signature` (shapes and
+dtypes) are batched together, and a batch that raises is split in halves and run again until
+the failing items stand alone; only their futures get the exception.
 A full queue, or a queue so long that a new request would miss its deadline, is refused at once
 by `dlpipe.serving.admission.check_queue` (HTTP 503 + Retry-After) instead of letting latency
 grow without end.
@@ -22,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -70,6 +73,7 @@ class MicroBatcher(Generic[T, R]):
         name: str = "model",
         on_batch: Callable[[BatchStats], None] | None = None,
         arrivals: Arrivals | None = None,
+        signature: Callable[[T], Hashable] | None = None,
     ) -> None:
         if max_batch_size < 1 or capacity < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and capacity must be >= 1, max_wait_s >= 0")
@@ -80,6 +84,7 @@ class MicroBatcher(Generic[T, R]):
         self.name = name
         self.on_batch = on_batch
         self.arrivals = arrivals
+        self.signature = signature
         self._pending: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
@@ -174,9 +179,7 @@ class MicroBatcher(Generic[T, R]):
                         self._full.clear()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._full.wait(), remaining)
-                take = min(self.max_batch_size, len(self._pending))
-                batch = [self._pending.popleft() for _ in range(take)]
-                await self._run(batch, loop)
+                await self._run(self._take_batch(), loop)
         finally:
             # Only reached with requests left if the task was cancelled: fail them, never hang them.
             while self._pending:
@@ -184,12 +187,43 @@ class MicroBatcher(Generic[T, R]):
                 if not p.future.done():
                     p.future.set_exception(BatcherClosed(self.name))
 
-    def _timed(self, items: list[Any], timing: list[float]) -> Sequence[Any]:
+    def _take_batch(self) -> list[_Pending]:
+        """Up to `max_batch_size` pending items, oldest first, all of the oldest's signature."""
+        pending = self._pending
+        take = min(self.max_batch_size, len(pending))
+        if self.signature is None:
+            return [pending.popleft() for _ in range(take)]
+        wanted = self.signature(pending[0].item)
+        batch: list[_Pending] = []
+        others: list[_Pending] = []
+        while pending and len(batch) < self.max_batch_size:
+            p = pending.popleft()
+            (batch if self.signature(p.item) == wanted else others).append(p)
+        pending.extendleft(reversed(others))  # the rest keep their place in line
+        return batch
+
+    def _timed(self, items: list[Any], timing: list[float]) -> list[tuple[bool, Any]]:
         started = time.perf_counter()
         try:
-            return self.run_batch(items)
+            return self._isolated(items)
         finally:
             timing[0] = time.perf_counter() - started
+
+    def _isolated(self, items: list[Any]) -> list[tuple[bool, Any]]:
+        """(ok, result or exception) per item; a failing batch is bisected down to the culprits."""
+        try:
+            results = self.run_batch(items)
+            if len(results) != len(items):
+                raise RuntimeError(
+                    f"model {self.name}: batch of {len(items)} returned {len(results)} results"
+                )
+            return [(True, r) for r in results]
+        except Exception as err:
+            if len(items) == 1:
+                log.error("inference failed on %s", self.name, exc_info=err)
+                return [(False, err)]
+            half = len(items) // 2
+            return self._isolated(items[:half]) + self._isolated(items[half:])
 
     async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
@@ -210,22 +244,18 @@ class MicroBatcher(Generic[T, R]):
         self._busy_until = now + self.per_item_s * len(live)
         timing = [0.0]
         try:
-            results = await loop.run_in_executor(
+            outcomes = await loop.run_in_executor(
                 self._executor, self._timed, [p.item for p in live], timing
             )
-            if len(results) != len(live):
-                raise RuntimeError(
-                    f"model {self.name}: batch of {len(live)} returned {len(results)} results"
-                )
-        except Exception as err:
-            log.exception("batch of %d failed on %s", len(live), self.name)
-            for p in live:
-                if not p.future.done():
-                    p.future.set_exception(err)
-        else:
-            for p, result in zip(live, results, strict=True):
-                if not p.future.done():
-                    p.future.set_result(result)
+        except Exception as err:  # the executor itself failed (shut down): fail them all
+            outcomes = [(False, err)] * len(live)
+        for p, (ok, value) in zip(live, outcomes, strict=True):
+            if p.future.done():
+                continue
+            if ok:
+                p.future.set_result(value)
+            else:
+                p.future.set_exception(value)
         elapsed = timing[0]  # measured on the worker thread: excludes event-loop scheduling
         self._busy_until = 0.0
         per_item = elapsed / len(live)

@@ -9,6 +9,7 @@ switched during that decode the request is routed, and decoded, again.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from dlpipe.serving.errors import (
 from dlpipe.serving.inputs import Sample
 from dlpipe.serving.manager import ModelManager
 from dlpipe.serving.served import ServedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,4 +102,9 @@ async def _gather(
             f.cancel()
         raise
     except Exception as err:
-        raise InferenceFailed(f"inference failed on version {served.version}: {err}") from err
+        # The model's own message (ONNX Runtime, numpy) stays in the log: it names internals.
+        log.error("inference failed on version %s", served.version, exc_info=err)
+        raise InferenceFailed(
+            f"inference failed on version {served.version}; the server log has the details "
+            "under this request's id"
+        ) from err

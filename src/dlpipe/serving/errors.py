@@ -1,11 +1,15 @@
-"""Errors the server answers with, and the one JSON shape they take.
+"""Errors the server answers with, and the JSON shape they take.
 
 {"error": {"type": "invalid_input", "message": "...", "request_id": "..."}}
+{"error": "..."}                      on the Open Inference Protocol routes (/v2/...), as its
+                                      clients (tritonclient, KServe) expect
+Messages say what was wrong with the request; internal detail goes to the log, never here.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 class ServingError(Exception):
@@ -89,6 +93,8 @@ class BatcherClosed(RuntimeError):
     """Raised by a batcher that is draining; the caller re-routes to the current version."""
 
 
-def error_body(error_type: str, message: str, request_id: str) -> dict[str, dict[str, str]]:
-    """The one error shape every endpoint uses."""
+def error_body(error_type: str, message: str, request_id: str, path: str = "") -> dict[str, Any]:
+    """The error body of a route: dlpipe's shape, or the protocol's on /v2 routes."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return {"error": message}
     return {"error": {"type": error_type, "message": message, "request_id": request_id}}

@@ -138,6 +138,31 @@ class InputDecoder:
             raise InvalidRequest(f"{field}: {err}") from None
         return {k: np.asarray(v[0], dtype=np.int64) for k, v in batch.items()}
 
+    def tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray, field: str) -> None:
+        """Check already-tokenized inputs against this model's preprocessing (400 when off):
+        N x L int arrays, 1 <= L <= max_sequence_length, ids within the vocabulary, mask 0/1."""
+        if self.task != "text_classification":
+            raise InvalidRequest(f"{field}: this model classifies images, not token ids")
+        longest = self.config.max_sequence_length or 0
+        for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if array.ndim != 2 or not 1 <= array.shape[1] <= longest:
+                raise InvalidRequest(
+                    f"{field}: {name} must be N x L with 1 <= L <= {longest} (this model's "
+                    f"max_sequence_length), got shape {list(array.shape)}"
+                )
+            if array.dtype.kind not in "iu":
+                raise InvalidRequest(f"{field}: {name} must be integers, got {array.dtype}")
+        if input_ids.shape != attention_mask.shape:
+            raise InvalidRequest(
+                f"{field}: input_ids {list(input_ids.shape)} and attention_mask "
+                f"{list(attention_mask.shape)} differ in shape"
+            )
+        vocab = self._pre.vocab_size
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise InvalidRequest(f"{field}: input_ids must lie in [0, {vocab - 1}]")
+        if attention_mask.size and not np.isin(attention_mask, (0, 1)).all():
+            raise InvalidRequest(f"{field}: attention_mask values must be 0 or 1")
+
 
 def softmax_top_k(
     logits: np.ndarray, class_names: list[str] | None, k: int

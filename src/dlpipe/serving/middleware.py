@@ -90,7 +90,7 @@ class RequestContextMiddleware:
             except ServingError as err:
                 # Refused at the door: no parsing, no app code.
                 self.collector.record_error(err.error_type, err.message)
-                await _send_error(send_with_id, err)
+                await _send_error(send_with_id, err, scope["path"])
                 return
             inner_receive = receive if ticket is None else ticket.receive(receive, started)
             await self.app(scope, inner_receive, send_with_id)
@@ -105,7 +105,7 @@ class RequestContextMiddleware:
             )
             self.collector.record_error(err.error_type, err.message)
             if not response_started:
-                await _send_error(send_with_id, err)
+                await _send_error(send_with_id, err, scope["path"])
         except ClientDisconnect:
             status = CLIENT_CLOSED  # not a server error: nobody is left to answer
             self.collector.record_error("client_disconnected", "client closed the connection")
@@ -113,7 +113,7 @@ class RequestContextMiddleware:
             log.exception("unhandled error")
             self.collector.record_error("internal", repr(err))
             if not response_started:
-                await _send_error(send_with_id, None)
+                await _send_error(send_with_id, None, scope["path"])
         finally:
             if ticket is not None:
                 ticket.release()
@@ -158,7 +158,7 @@ class RequestContextMiddleware:
             )
 
 
-async def _send_error(send: Send, err: ServingError | None) -> None:
+async def _send_error(send: Send, err: ServingError | None, path: str) -> None:
     """The JSON error body for `err` (None: a generic 500 whose detail stays in the log)."""
     request_id = request_id_var.get() or ""
     status = 500 if err is None else err.status_code
@@ -170,7 +170,7 @@ async def _send_error(send: Send, err: ServingError | None) -> None:
             err.message,
         )
     )
-    body = json.dumps(error_body(kind, message, request_id)).encode()
+    body = json.dumps(error_body(kind, message, request_id, path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if err is not None:
         headers += [(k.lower().encode(), v.encode()) for k, v in err.headers().items()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,13 @@ def _read_preprocessing(path: Path, engine: InferenceEngine) -> PreprocessingCon
     if engine.metadata is not None:
         return engine.metadata.preprocessing_config
     raise ModelLoadError(f"{path}: no {PREPROCESSING_FILE} and no metadata to preprocess with")
+
+
+def sample_signature(sample: Sample) -> Hashable:
+    """Shapes and dtypes of a sample: only samples with equal signatures can be stacked."""
+    if isinstance(sample, dict):
+        return tuple((k, v.shape, v.dtype.str) for k, v in sorted(sample.items()))
+    return (sample.shape, sample.dtype.str)
 
 
 class ServedModel:
@@ -61,6 +69,7 @@ class ServedModel:
             name=f"{model_name}:{version}",
             on_batch=self._record_batch,
             arrivals=arrivals,
+            signature=sample_signature,
         )
         info = engine.get_model_info()
         self.framework = str(info["framework"])
