@@ -14,7 +14,10 @@ from dlpipe.training import train
 from dlpipe.training.checkpoint import (
     CheckpointCorruptedWarning,
     CheckpointError,
+    UnverifiedCheckpointWarning,
+    checksum_path,
     resolve_checkpoint,
+    verify_checkpoint,
 )
 
 
@@ -95,3 +98,18 @@ def test_corrupted_checkpoint_falls_back_to_previous_good_one(
         other.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no other good checkpoint"):
         resolve_checkpoint(last)
+
+
+def test_checkpoint_without_its_checksum_resumes_when_named(
+    fmnist_config: Callable[..., PipelineConfig], tmp_mlflow_uri: str
+) -> None:
+    # What a crash between writing last.ckpt and its sidecar leaves behind.
+    cfg = fmnist_config("training.num_epochs=2", "tracking.register_model=false")
+    stopped = train(cfg, callbacks=[StopAfterEpoch(1)])
+    last = Path(cfg.training.checkpoint_dir) / stopped.run_id / "last.ckpt"
+    checksum_path(last).unlink()
+    with pytest.warns(UnverifiedCheckpointWarning, match="no checksum"):
+        resumed = train(cfg, resume_from=str(last))
+    assert resumed.metrics["test/acc"] > 0
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert verify_checkpoint(last) is None  # rewritten by the resumed run, with its checksum
