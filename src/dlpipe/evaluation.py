@@ -58,10 +58,19 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 120.0,
         log_path: str | Path | None = None,
+        args: list[str] | None = None,
+        verify: str | bool = True,
     ):
+        """Args:
+        args: more `dlpipe serve` flags; with `--ssl-certfile` the server speaks HTTPS and
+            `verify` (a CA file) is what the readiness check trusts.
+        """
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "dlpipe.cli", "serve", "--port", str(self.port)]
+        extra = list(args or [])
+        scheme = "https" if "--ssl-certfile" in extra else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.verify = verify
+        cmd = [sys.executable, "-m", "dlpipe.cli", "serve", "--port", str(self.port), *extra]
         if model_name:
             cmd += ["--model", model_name]
         if package:
@@ -77,6 +86,19 @@ class ServerProcess:
         # The server logs one JSON line per request: a file, never an unread pipe that fills up.
         self.log_path = Path(log_path) if log_path else None
         self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The server's process id (while it runs)."""
+        if self._proc is None:
+            raise RuntimeError("the server is not running")
+        return self._proc.pid
+
+    def wait(self, timeout_s: float) -> int:
+        """Wait for the server to exit by itself; its exit status."""
+        if self._proc is None:
+            raise RuntimeError("the server is not running")
+        return self._proc.wait(timeout=timeout_s)
 
     def log_tail(self, chars: int = 2000) -> str:
         if self._log is None:
@@ -95,7 +117,8 @@ class ServerProcess:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self._proc.returncode}: {self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200:
+                ready = httpx.get(f"{self.url}/ready", timeout=1.0, verify=self.verify)
+                if ready.status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -113,7 +136,7 @@ class ServerProcess:
             return
         self._proc.terminate()
         try:
-            self._proc.wait(timeout=15)
+            self._proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()

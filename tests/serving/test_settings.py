@@ -119,3 +119,18 @@ def test_server_without_any_model_is_up_but_not_ready(
         r = client.post("/predict", files={"file": ("x.png", png, "image/png")})
         assert r.status_code == 503
         assert r.json()["error"]["type"] == "model_unavailable"
+
+
+def test_every_setting_is_a_documented_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from dlpipe.serving.cli import build_parser, settings_from_args
+
+    parser = build_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(flags) == set(ServeSettings.model_fields)
+    for name, action in flags.items():
+        assert action.help and "(env DLPIPE_" in action.help and len(action.help) > 30, name
+    parsed = settings_from_args(
+        ["--package", "p", "--no-warmup", "--image-formats", "png,webp", "--max-batch-size", "9"]
+    )
+    assert parsed.warmup is False and parsed.image_formats == ["PNG", "WEBP"]
+    assert parsed.max_batch_size == 9

@@ -324,7 +324,7 @@ class MetricsCollector:
             "latency": latency,
             "errors_total": sum(errors.values()),
             "errors_by_type": errors,
-            "in_flight": int(self.in_flight.collect()[0].samples[0].value),
+            "in_flight": int(next(iter(self.in_flight.collect())).samples[0].value),
             "gpus": gpus,
         }
 

@@ -100,12 +100,12 @@ class RequestContextMiddleware:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()  # our own body deadline, not a shutdown: answer it
-            err = BodyTimeout(
+            timeout = BodyTimeout(
                 f"request body not received within {self.admission.body_timeout_s:g} s"
             )
-            self.collector.record_error(err.error_type, err.message)
+            self.collector.record_error(timeout.error_type, timeout.message)
             if not response_started:
-                await _send_error(send_with_id, err, scope["path"])
+                await _send_error(send_with_id, timeout, scope["path"])
         except ClientDisconnect:
             status = CLIENT_CLOSED  # not a server error: nobody is left to answer
             self.collector.record_error("client_disconnected", "client closed the connection")

@@ -21,7 +21,11 @@ class ServeSettings(BaseSettings):
     """Everything `dlpipe serve` can be told; each field is also `DLPIPE_<FIELD>` in the env."""
 
     model_config = SettingsConfigDict(
-        env_prefix="DLPIPE_", extra="ignore", validate_default=True, protected_namespaces=()
+        env_prefix="DLPIPE_",
+        extra="ignore",
+        validate_default=True,
+        protected_namespaces=(),
+        use_attribute_docstrings=True,  # the docstrings become `dlpipe serve --help`
     )
 
     model_name: str = "dlpipe"
@@ -29,10 +33,13 @@ class ServeSettings(BaseSettings):
     package: str | None = None
     """Serve a local model package directory or `.onnx` file instead of the registry."""
     host: str = "127.0.0.1"
+    """Address to bind; a non-loopback address without API keys logs a warning."""
     port: int = Field(8000, ge=0, le=65535)
+    """TCP port (0: any free one)."""
     tracking_uri: str | None = None
     """MLflow tracking/registry URI; None: MLFLOW_TRACKING_URI or MLflow's default."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where models run: `auto` takes CUDA (and TensorRT) when ONNX Runtime offers it."""
     max_batch_size: int = Field(32, ge=1, le=4096)
     """Largest batch the micro-batcher hands to the model."""
     max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)
@@ -82,6 +89,7 @@ class ServeSettings(BaseSettings):
     resize_inputs: bool = True
     """Resize images to the model's size as training did; False: other sizes get 400."""
     top_k: int = Field(5, ge=1)
+    """Classes returned per prediction, most probable first."""
     model_load_timeout_s: float = Field(300.0, gt=0.0)
     """A version whose load (download, session, warm-up) takes longer is reported as failed
     and retried with back-off; the versions already serving are not held up by it."""
@@ -90,6 +98,7 @@ class ServeSettings(BaseSettings):
     ort_intra_op_threads: int = Field(0, ge=0)
     """ONNX Runtime intra-op threads per session; 0: ONNX Runtime's default."""
     warmup: bool = True
+    """Run dummy batches before a version takes traffic (no slow first requests)."""
     gpu_poll_interval_s: float = Field(5.0, gt=0.0)
     """How often GPU utilization and memory are read through NVML (when a GPU exists)."""
     ssl_certfile: str | None = None
@@ -102,6 +111,7 @@ class ServeSettings(BaseSettings):
     shutdown_grace_s: float = Field(20.0, gt=0.0)
     """Then: time for requests already accepted to finish before the process exits."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Level of the JSON log lines on stderr."""
     access_log: bool = True
     """One JSON log line per request."""
 
