@@ -49,8 +49,47 @@ def write_text_onnx(path: Path) -> Path:
     return path
 
 
-def make_text_package(root: Path, tokenizer: str | Path, length: int = 12) -> Path:
-    """An ONNX-only text package whose config names `tokenizer` (it gets a tokenizer.json)."""
+def write_embedding_onnx(path: Path, vocab: int) -> Path:
+    """input_ids, attention_mask -> logits = Σ_t mask_t * E[ids_t] with a random [vocab, 2] table.
+
+    Like a real text model it looks token ids up in a table, so an id outside the vocabulary
+    makes ONNX Runtime fail for the whole batch it is in.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])
+    table = np.random.default_rng(0).standard_normal((vocab, 2)).astype(np.float32)
+    consts = [
+        numpy_helper.from_array(table, "table"),
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("last", TensorProto.INT64, [1], [-1]),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["emb"], axis=0),  # N×L×2
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axes"], ["logits"], keepdims=0),
+    ]
+    graph = helper.make_graph(nodes, "embed", [ids, mask], [logits], initializer=consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_text_package(
+    root: Path, tokenizer: str | Path, length: int = 12, embedding: bool = False
+) -> Path:
+    """An ONNX-only text package whose config names `tokenizer` (it gets a tokenizer.json).
+
+    `embedding`: the graph looks ids up in a table (`write_embedding_onnx`) instead of counting.
+    """
     root.mkdir(parents=True, exist_ok=True)
     cfg = PipelineConfig.model_validate(
         {
@@ -77,7 +116,13 @@ def make_text_package(root: Path, tokenizer: str | Path, length: int = 12) -> Pa
         preprocessing_config=cfg.preprocessing,
         version="1",
     )
-    onnx_path = write_text_onnx(root / "text-tmp.onnx")
+    if embedding:
+        from dlpipe.data import DataPreprocessor
+
+        vocab = DataPreprocessor(cfg.preprocessing).vocab_size
+        onnx_path = write_embedding_onnx(root / "text-tmp.onnx", vocab)
+    else:
+        onnx_path = write_text_onnx(root / "text-tmp.onnx")
     return save_model_package(root / "text-pkg", cfg, meta, onnx_path=onnx_path)
 
 

@@ -8,6 +8,7 @@ Every failure is a 4xx whose message says what was wrong.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,20 @@ from dlpipe.config import PreprocessingConfig
 from dlpipe.serving.errors import InvalidRequest, PayloadTooLarge
 
 Sample = np.ndarray | dict[str, np.ndarray]
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def loads(raw: bytes | str, what: str = "request body") -> Any:
+    """`json.loads` whose every failure is a 400 (NaN/Infinity literals are refused)."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidRequest(f"{what} is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, int digit limit, ...
+        raise InvalidRequest(f"{what} is not valid JSON: {err}") from None
 
 
 INLINE_DECODE_PIXELS = 512 * 512

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.serving.errors import InvalidRequest
+from dlpipe.serving.inputs import loads
 
 NUMERIC = {
     "BOOL": np.bool_,
@@ -68,20 +69,6 @@ class InferRequest:
     binary_output: bool = False
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def loads(raw: bytes | str, what: str = "request body") -> Any:
-    """`json.loads` whose every failure is a 400 (NaN/Infinity literals are refused)."""
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError:
-        raise InvalidRequest(f"{what} is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, int digit limit, ...
-        raise InvalidRequest(f"{what} is not valid JSON: {err}") from None
 
 
 def _header_split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from dlpipe.serving.deps import (
 )
 from dlpipe.serving.dispatch import Prepared, infer
 from dlpipe.serving.errors import InvalidRequest, UnsupportedMediaType
-from dlpipe.serving.inputs import INLINE_DECODE_PIXELS, Sample
+from dlpipe.serving.inputs import INLINE_DECODE_PIXELS, Sample, loads
 from dlpipe.serving.served import ServedModel
 
 router = APIRouter(tags=["predict"])
@@ -61,10 +60,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw:
         raise InvalidRequest('empty request body; send JSON like {"text": "..."}')
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidRequest(f"request body is not valid JSON: {err}") from None
+    body = loads(raw)
     if not isinstance(body, dict):
         raise InvalidRequest(f"JSON body must be an object, got {type(body).__name__}")
     return body
