@@ -45,6 +45,9 @@ class ModelConfig(_Section):
     """Dropout before the classifier head."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the model builder."""
+    framework: Literal["pytorch", "tensorflow"] = "pytorch"
+    """What trains the model: PyTorch Lightning, or Keras 3 on TensorFlow (`keras_*` models);
+    must match the architecture's framework in the catalogue."""
 
     @field_validator("name")
     @classmethod
@@ -220,7 +223,14 @@ class PipelineConfig(_Section):
                     "set one of them"
                 )
             self.model.name = wanted  # validated against the catalogue by assignment
-        task = get_architecture(self.model.name).task
+        arch = get_architecture(self.model.name)
+        if arch.framework != self.model.framework:
+            raise ValueError(
+                f"model.framework={self.model.framework!r} but model {arch.name!r} is a "
+                f"{arch.framework} architecture; set model.framework: {arch.framework} or pick "
+                f"a {self.model.framework} model"
+            )
+        task = arch.task
         if task != self.preprocessing.task_type:
             raise ValueError(
                 f"model {self.model.name!r} is for {task} but preprocessing.task_type is "

@@ -21,8 +21,9 @@ from dlpipe.models import (
 )
 from dlpipe.models.cli import main as models_cli
 
-IMAGE_MODELS = list_models("image_classification")
-TEXT_MODELS = list_models("text_classification")
+# PyTorch models only: the Keras ones are built and run in TensorFlow processes (tests/tensorflow).
+IMAGE_MODELS = list_models("image_classification", framework="pytorch")
+TEXT_MODELS = list_models("text_classification", framework="pytorch")
 TEXT_PRE = PreprocessingConfig(
     task_type="text_classification",
     image_size=None,
@@ -44,7 +45,7 @@ def test_registry_has_the_required_models() -> None:
     required = {"simple_cnn", "resnet18", "resnet50", "mobilenet_v3_small"}
     assert required <= set(IMAGE_MODELS)
     assert {"minilm", "bert-base"} <= set(TEXT_MODELS)
-    assert sorted(IMAGE_MODELS + TEXT_MODELS) == list_models()
+    assert sorted(IMAGE_MODELS + TEXT_MODELS) == list_models(framework="pytorch")
     assert all(model_task(n) == "image_classification" for n in IMAGE_MODELS)
 
 

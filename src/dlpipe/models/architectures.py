@@ -4,9 +4,9 @@
     model_task("minilm")                    # 'text_classification'
 
 Torch-free on purpose: the config schema checks `model.name` against this table, and reading a
-config must not import a framework. Builders live in `vision.py` / `text.py` and are imported
-only when `dlpipe.models.create_model` builds one. Not to be confused with the MLflow Model
-Registry (`dlpipe.tracking.registry`), which stores trained versions.
+config must not import a framework. Builders live in `vision.py` / `text.py` (PyTorch) and
+`keras.py` (TensorFlow) and are imported only when a model is built. Not to be confused with
+the MLflow Model Registry (`dlpipe.tracking.registry`), which stores trained versions.
 """
 
 from __future__ import annotations
@@ -91,6 +91,20 @@ _CATALOG: dict[str, Architecture] = {
             "text_classification",
             "dlpipe.models.text:bert_base",
             "BERT-base architecture (random init)",
+        ),
+        _builtin(
+            "keras_cnn",
+            "image_classification",
+            "dlpipe.models.keras:keras_cnn",
+            "Keras 3 CNN for 28x28 images (2 conv blocks), channels-first input",
+            framework="tensorflow",
+        ),
+        _builtin(
+            "keras_text",
+            "text_classification",
+            "dlpipe.models.keras:keras_text",
+            "Keras 3 embedding + Conv1D text classifier over MiniLM WordPiece ids",
+            framework="tensorflow",
         ),
     )
 }

@@ -29,7 +29,14 @@ def create_model(
     **extra: Any,
 ) -> nn.Module:
     """Build an architecture; optionally load a local state_dict from `weights_path`."""
-    builder = get_architecture(name).load_builder()
+    arch = get_architecture(name)
+    if arch.framework != "pytorch":
+        # Building it would import TensorFlow into a process that has torch loaded.
+        raise ValueError(
+            f"model {name!r} is a {arch.framework} (Keras) model: build it in a TensorFlow "
+            "process with dlpipe.models.keras.build_keras_model"
+        )
+    builder = arch.load_builder()
     net: nn.Module = builder(
         num_classes=num_classes,
         in_channels=in_channels,
