@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from dlpipe.config import PreprocessingConfig
 
-Framework = Literal["pytorch", "onnx", "tensorrt"]
+Framework = Literal["pytorch", "tensorflow", "onnx", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
 
 REQUIRED_FIELDS = (
