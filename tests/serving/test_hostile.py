@@ -402,3 +402,61 @@ def test_image_bombs_are_refused_from_the_header(image_client: TestClient) -> No
     assert image_client.post("/predict", files=upload(big)).status_code == 200
     long_text = image_client.post("/predict", json={"text": "x" * 20_000})
     assert long_text.status_code == 413
+
+
+# ---------------------------------------------------------------------------- uploads
+def test_slow_and_huge_uploads_keep_memory_bounded(cnn_package: Path, tmp_path: Path) -> None:
+    """Slow senders get 408, bodies beyond the in-flight budget 503, RSS stays bounded."""
+    from dlpipe.evaluation import ServerProcess
+
+    budget = 8 * 1024 * 1024
+    env = {"DLPIPE_MAX_BODY_BYTES_IN_FLIGHT": str(budget), "DLPIPE_BODY_TIMEOUT_S": "2"}
+    size = 2_000_000
+    payload = np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes()
+
+    async def upload(url: str, pause_s: float) -> int | str:
+        async def body() -> Any:
+            for i in range(0, size, 200_000):
+                yield payload[i : i + 200_000]
+                await asyncio.sleep(pause_s)
+
+        headers = {"content-type": "image/png", "content-length": str(size)}
+        async with httpx.AsyncClient(timeout=30) as client:
+            try:
+                return (
+                    await client.post(url + "/predict", content=body(), headers=headers)
+                ).status_code
+            except httpx.HTTPError as err:
+                return type(err).__name__
+
+    def rss_mb(pid: int) -> float:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return (
+            int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+            / 1024
+        )
+
+    with ServerProcess(package=str(cnn_package), env=env, log_path=tmp_path / "s.log") as server:
+        idle = rss_mb(server.pid)
+
+        async def scenario() -> tuple[list[Any], list[Any], float, float]:
+            peak = idle
+            slow = [asyncio.create_task(upload(server.url, 1.0)) for _ in range(3)]
+            await asyncio.sleep(0.3)
+            fast = [asyncio.create_task(upload(server.url, 0.0)) for _ in range(12)]
+            health_worst = 0.0
+            async with httpx.AsyncClient(timeout=5) as probe:
+                while not all(t.done() for t in slow + fast):
+                    started = time.perf_counter()
+                    assert (await probe.get(server.url + "/health")).status_code == 200
+                    health_worst = max(health_worst, time.perf_counter() - started)
+                    peak = max(peak, rss_mb(server.pid))
+                    await asyncio.sleep(0.05)
+            return [t.result() for t in slow], [t.result() for t in fast], peak, health_worst
+
+        slow, fast, peak, health_worst = asyncio.run(scenario())
+    print(f"slow {slow}, fast {Counter(fast)}, RSS idle {idle:.0f} MB peak {peak:.0f} MB")
+    assert slow == [408, 408, 408]
+    assert 503 in fast and set(fast) <= {400, 503}  # admitted ones are junk images: 400
+    assert peak - idle < budget / 2**20
+    assert health_worst < 1.0
