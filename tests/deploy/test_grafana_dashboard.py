@@ -87,3 +87,17 @@ def test_panels_have_unique_ids_and_do_not_overlap(dashboard: dict[str, Any]) ->
         mine = {(g["x"] + dx, g["y"] + dy) for dx in range(g["w"]) for dy in range(g["h"])}
         assert not cells & mine, f"panel {p['title']!r} overlaps another"
         cells |= mine
+
+
+def test_dashboard_error_ratio_is_the_one_that_pages(dashboard: dict[str, Any]) -> None:
+    """What on-call sees on the dashboard is the ratio the critical alert fires on."""
+    rules = yaml.safe_load((GRAFANA.parent / "prometheus" / "alerts.yml").read_text())
+    (record,) = [
+        r
+        for g in rules["groups"]
+        for r in g["rules"]
+        if r.get("record") == "dlpipe:server_error_ratio:rate5m"
+    ]
+    expected = " ".join(record["expr"].split()).replace("[5m]", "[$__rate_interval]")
+    exprs = [" ".join(e.split()) for _, e in _exprs(dashboard)]
+    assert expected in exprs

@@ -19,16 +19,31 @@ needs_promtool = pytest.mark.skipif(
 )
 
 
-def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+def _promtool(*args: str, cwd: Path = PROM_DIR) -> subprocess.CompletedProcess[str]:
     assert PROMTOOL is not None
-    return subprocess.run(
-        [PROMTOOL, *args], cwd=PROM_DIR, capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def _rule_tests_with(alerts: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    """The shipped rule unit tests run against another version of alerts.yml."""
+    (directory / "alerts.yml").write_text(alerts)
+    shutil.copy(PROM_DIR / "alerts_test.yml", directory)
+    return _promtool("test", "rules", "alerts_test.yml", cwd=directory)
 
 
 @needs_promtool
-def test_promtool_check_config() -> None:
-    result = _promtool("check", "config", "prometheus.yml")
+def test_promtool_check_config(tmp_path: Path) -> None:
+    # promtool opens the scrape's credentials file: the compose secret's path exists only in
+    # the container, so the copy checked here names a local file instead.
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "dlpipe"]
+    assert job["authorization"]["credentials_file"] == "/run/secrets/dlpipe_metrics_key"
+    token = tmp_path / "dlpipe_metrics_key"
+    token.write_text("key")
+    job["authorization"]["credentials_file"] = str(token)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    shutil.copy(PROM_DIR / "alerts.yml", tmp_path)
+    result = _promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
@@ -51,17 +66,55 @@ def test_rule_unit_tests_catch_a_broken_threshold(tmp_path) -> None:
     """The unit tests are not vacuous: raising a threshold makes them fail."""
     alerts = (PROM_DIR / "alerts.yml").read_text()
     assert alerts.count("> 0.05\n") == 2  # error-rate and p95 thresholds
-    (tmp_path / "alerts.yml").write_text(alerts.replace("> 0.05\n", "> 0.5\n"))
-    shutil.copy(PROM_DIR / "alerts_test.yml", tmp_path)
-    result = subprocess.run(
-        [str(PROMTOOL), "test", "rules", "alerts_test.yml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _rule_tests_with(alerts.replace("> 0.05\n", "> 0.5\n"), tmp_path)
     assert result.returncode != 0
     assert "DlpipeHighErrorRate" in result.stdout + result.stderr
+
+
+SERVER_ERRORS = 'status=~"5.."'
+ANSWERED = 'status!~"4.."'
+# Rules that would let a scanner page on-call: every error counted, or every non-2xx answer.
+PAGED_BY_SCANNERS = {
+    "errors_total": (
+        "sum(rate(dlpipe_errors_total[5m]))"
+        ' / sum(rate(dlpipe_requests_total{endpoint=~".*(predict|infer).*"}[5m]))'
+    ),
+    "client_errors": (
+        'sum(rate(dlpipe_requests_total{status!~"2.."}[5m])) / sum(rate(dlpipe_requests_total[5m]))'
+    ),
+}
+
+
+@needs_promtool
+@pytest.mark.parametrize("naive", sorted(PAGED_BY_SCANNERS))
+def test_rule_unit_tests_catch_an_error_rate_that_scanners_trigger(
+    naive: str, tmp_path: Path
+) -> None:
+    """The silent cases are not vacuous: a ratio that counts client errors pages on them."""
+    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if rule.get("record") == "dlpipe:server_error_ratio:rate5m":
+                rule["expr"] = PAGED_BY_SCANNERS[naive]
+    result = _rule_tests_with(yaml.safe_dump(rules), tmp_path)
+    assert result.returncode != 0, result.stdout
+    assert "DlpipeHighErrorRate" in result.stdout + result.stderr
+    assert "exp:[]" in (result.stdout + result.stderr).replace(" ", "")  # a silent case fired
+
+
+def test_error_rate_counts_server_errors_only() -> None:
+    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
+    by_name = {r.get("alert") or r.get("record"): r for g in rules["groups"] for r in g["rules"]}
+    assert (
+        by_name["DlpipeHighErrorRate"]["expr"].strip() == "dlpipe:server_error_ratio:rate5m > 0.05"
+    )
+    assert by_name["DlpipeHighErrorRate"]["labels"]["severity"] == "critical"
+    numerator, denominator = by_name["dlpipe:server_error_ratio:rate5m"]["expr"].split(" / ")
+    assert "dlpipe_errors_total" not in numerator + denominator  # counts client errors too
+    assert SERVER_ERRORS in numerator and ANSWERED in denominator
+    # Probes and scrapes are neither: a pod that is not ready answers /ready with 503.
+    for part in (numerator, denominator):
+        assert 'endpoint!~"/health|/ready|/metrics|/v2/health/.*"' in part
 
 
 def test_rule_tests_cover_every_alert_firing_and_silent() -> None:
@@ -111,6 +164,7 @@ def test_scrape_config_targets_the_dlpipe_metrics_endpoint() -> None:
     compose = yaml.safe_load((DEPLOY_DIR / "docker-compose.yml").read_text())
     assert "dlpipe" in compose["services"]
     assert targets == ["dlpipe:8000"]  # the compose service name and its container port
+    assert job["authorization"]["type"] == "Bearer"  # /metrics needs a key like every route
 
 
 def test_promql_parser_finds_metric_names(promql_metric_names: Callable[[str], set[str]]) -> None:
