@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dlpipe.monitoring.metrics import MetricsCollector
+
+# deploy_helpers.py (processes, configs) is imported by the test modules beside it.
+sys.path.insert(0, str(Path(__file__).parent))
 
 _KEYWORDS = frozenset(
     {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool"}

@@ -1,7 +1,8 @@
 """A real Prometheus scrapes a real `dlpipe serve` under load; PromQL agrees with the client.
 
 Starts `dlpipe serve --package` (a freshly exported simple_cnn ONNX package) and
-`/usr/bin/prometheus` (1 s scrapes, the alert rules from deploy/prometheus) on free local ports,
+`/usr/bin/prometheus` (the shipped scrape config with its bearer-token authorization, 1 s scrapes,
+the alert rules from deploy/prometheus) on free local ports,
 drives /predict with a closed-loop load generator, then asks Prometheus's HTTP API for the request
 count, the request rate and the p95 latency and compares them with what the clients measured.
 """
@@ -12,31 +13,38 @@ import bisect
 import http.client
 import io
 import json
-import shutil
-import subprocess
 import threading
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import yaml
+from deploy_helpers import (
+    PROMETHEUS,
+    ROOT,
+    query,
+    scalar,
+    shipped_prometheus_config,
+    wait_for_value,
+)
+from deploy_helpers import (
+    prometheus as run_prometheus,
+)
 
-from dlpipe.evaluation import ServerProcess, free_port
+from dlpipe.evaluation import ServerProcess
 from dlpipe.monitoring.metrics import LATENCY_BUCKETS
 
-ROOT = Path(__file__).resolve().parents[2]
-PROMETHEUS = shutil.which("prometheus")
 ENDPOINT = "/predict"
 CLIENTS = 4
 LOAD_SECONDS = 7.0
 WARMUP_REQUESTS = 20
+# Keys are required, /metrics included: the clients send one, Prometheus scrapes with another.
+CLIENT_KEY = "load-client-key"
+METRICS_KEY = "prometheus-scrape-key"
 
 pytestmark = [
     pytest.mark.skipif(
@@ -45,33 +53,6 @@ pytestmark = [
     ),
     pytest.mark.timeout(300),
 ]
-
-
-def _wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"{proc.args!r} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +103,8 @@ def dlpipe_server(model_package: Path, tmp_path_factory: pytest.TempPathFactory)
         "DLPIPE_ACCESS_LOG": "false",
         "DLPIPE_LOG_LEVEL": "warning",
         "DLPIPE_ORT_INTRA_OP_THREADS": "1",
+        "DLPIPE_REQUIRE_AUTH": "true",
+        "DLPIPE_API_KEYS": f"{CLIENT_KEY},{METRICS_KEY}",
     }
     with ServerProcess(package=str(model_package), env=env, log_path=log) as server:
         yield f"127.0.0.1:{server.port}"
@@ -130,59 +113,16 @@ def dlpipe_server(model_package: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="module")
 def prometheus(dlpipe_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus scraping the server every second with the shipped alert rules."""
-    assert PROMETHEUS is not None
     work = tmp_path_factory.mktemp("prometheus")
-    shipped = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    shipped["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    shipped["rule_files"] = [str(ROOT / "deploy/prometheus/alerts.yml")]
-    (job,) = [j for j in shipped["scrape_configs"] if j["job_name"] == "dlpipe"]
-    job["scrape_timeout"] = "1s"
-    job["static_configs"][0]["targets"] = [dlpipe_server]
-    shipped["scrape_configs"] = [job]
-    config = work / "prometheus.yml"
-    config.write_text(yaml.safe_dump(shipped))
-    port = free_port()
-    log = work / "prometheus.log"
-    cmd = [
-        PROMETHEUS,
-        f"--config.file={config}",
-        f"--storage.tsdb.path={work / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--storage.tsdb.retention.time=1h",
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=work)
-    try:
-        _wait_for(f"http://127.0.0.1:{port}/-/ready", proc, log, timeout_s=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        _stop(proc)
-
-
-def _query(prom: str, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-    params = {"query": expr} | ({"time": f"{at:.3f}"} if at is not None else {})
-    url = f"{prom}/api/v1/query?{urllib.parse.urlencode(params)}"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        body = json.load(response)
-    assert body["status"] == "success", body
-    result: list[dict[str, Any]] = body["data"]["result"]
-    return result
-
-
-def _scalar(prom: str, expr: str, at: float | None = None) -> float | None:
-    result = _query(prom, expr, at)
-    return float(result[0]["value"][1]) if result else None
-
-
-def _wait_for_value(prom: str, expr: str, expected: float, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    value = None
-    while time.monotonic() < deadline:
-        value = _scalar(prom, expr)
-        if value == expected:
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"Prometheus: {expr} = {value}, expected {expected}")
+    token = work / "metrics_key"
+    token.write_text(METRICS_KEY)
+    config = shipped_prometheus_config(
+        target=dlpipe_server,
+        rule_file=ROOT / "deploy/prometheus/alerts.yml",
+        credentials_file=token,
+    )
+    with run_prometheus(config, work) as url:
+        yield url
 
 
 def _png_upload() -> tuple[bytes, str]:
@@ -212,7 +152,8 @@ class Completed:
 
 
 def _post(conn: http.client.HTTPConnection, body: bytes, content_type: str) -> int:
-    conn.request("POST", ENDPOINT, body=body, headers={"Content-Type": content_type})
+    headers = {"Content-Type": content_type, "X-API-Key": CLIENT_KEY}
+    conn.request("POST", ENDPOINT, body=body, headers=headers)
     response = conn.getresponse()
     response.read()
     return response.status
@@ -255,7 +196,7 @@ def test_prometheus_reports_what_the_load_generator_measured(
     dlpipe_server: str, prometheus: str
 ) -> None:
     selector = f'dlpipe_requests_total{{job="dlpipe",endpoint="{ENDPOINT}",status="200"}}'
-    _wait_for_value(prometheus, 'up{job="dlpipe"}', 1.0)
+    wait_for_value(prometheus, 'up{job="dlpipe"}', 1.0)
 
     body, content_type = _png_upload()
     host, port = dlpipe_server.split(":")
@@ -263,7 +204,7 @@ def test_prometheus_reports_what_the_load_generator_measured(
     statuses = [_post(conn, body, content_type) for _ in range(WARMUP_REQUESTS)]
     conn.close()
     assert statuses == [200] * WARMUP_REQUESTS
-    _wait_for_value(prometheus, f"sum({selector})", WARMUP_REQUESTS)
+    wait_for_value(prometheus, f"sum({selector})", WARMUP_REQUESTS)
     time.sleep(1.5)  # at least one more flat scrape before the load starts
 
     load_start = time.time()
@@ -272,13 +213,13 @@ def test_prometheus_reports_what_the_load_generator_measured(
     assert all(c.status == 200 for c in done), {c.status for c in done}
 
     # Count: after the next scrape Prometheus holds exactly what the server answered.
-    _wait_for_value(prometheus, f"sum({selector})", WARMUP_REQUESTS + len(done))
+    wait_for_value(prometheus, f"sum({selector})", WARMUP_REQUESTS + len(done))
     evaluated_at = time.time()
 
     # Rate: a window strictly inside the load, compared with the clients' completions in it.
     window = int(LOAD_SECONDS - 2)
     rate_at = load_end - 0.5
-    prom_rate = _scalar(prometheus, f"sum(rate({selector}[{window}s]))", at=rate_at)
+    prom_rate = scalar(prometheus, f"sum(rate({selector}[{window}s]))", at=rate_at)
     client_rate = sum(rate_at - window < c.finished <= rate_at for c in done) / window
     assert prom_rate is not None
     assert prom_rate == pytest.approx(client_rate, rel=0.2), (prom_rate, client_rate)
@@ -286,7 +227,7 @@ def test_prometheus_reports_what_the_load_generator_measured(
     # p95: over the whole load (flat before and after); histogram_quantile is scale-invariant,
     # so range extrapolation does not move it.
     span = int(evaluated_at - load_start + 1.2) + 1
-    prom_p95 = _scalar(
+    prom_p95 = scalar(
         prometheus,
         "histogram_quantile(0.95, sum by (le) (increase(dlpipe_request_latency_seconds_bucket"
         f'{{job="dlpipe",endpoint="{ENDPOINT}",status="200"}}[{span}s])))',
@@ -309,4 +250,4 @@ def test_prometheus_reports_what_the_load_generator_measured(
         groups = json.load(response)["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
     assert len(rules) == 6 and all(r["health"] == "ok" for r in rules), rules
-    assert _query(prometheus, 'ALERTS{alertname="DlpipeDown"}') == []
+    assert query(prometheus, 'ALERTS{alertname="DlpipeDown"}') == []
