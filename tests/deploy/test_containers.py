@@ -130,26 +130,104 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
 
 
-def _env_defaults(env: dict[str, Any]) -> dict[str, str]:
-    """Environment with `${VAR:-default}` resolved to its default (an unset shell)."""
-    resolved = {}
-    for key, value in env.items():
-        resolved[key] = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
-    return resolved
+class UnsetRequired(Exception):
+    """A `${VAR:?message}` whose variable is unset: compose refuses to start."""
 
 
-def test_compose_has_the_four_services_with_ports_and_healthchecks(compose: dict[str, Any]) -> None:
+_VARIABLE = re.compile(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}")
+
+
+def interpolate(value: object, shell: dict[str, str] | None = None) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}` and `${VAR:?error}` against `shell` (default: none)."""
+    shell = shell or {}
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match.groups()
+        if shell.get(name):
+            return shell[name]
+        if op == ":?":
+            raise UnsetRequired(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+
+    return _VARIABLE.sub(one, str(value))
+
+
+def _env_defaults(env: dict[str, Any], shell: dict[str, str] | None = None) -> dict[str, str]:
+    """A service's environment as compose resolves it from `shell` (default: an unset shell)."""
+    return {key: interpolate(value, shell) for key, value in env.items()}
+
+
+def test_interpolate_follows_compose_rules() -> None:
+    assert interpolate("${A:-x}:${B}") == "x:"
+    assert interpolate("${A:-x}", {"A": "y"}) == "y"
+    with pytest.raises(UnsetRequired, match="set it"):
+        interpolate("${A:?set it}")
+    assert interpolate("${A:?set it}", {"A": "v"}) == "v"
+
+
+SERVICES = {"mlflow": 5000, "dlpipe": 8000, "prometheus": 9090, "alertmanager": 9093}
+SERVICES |= {"grafana": 3000}
+
+
+def test_compose_services_have_healthchecks_on_their_ports(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"mlflow", "dlpipe", "prometheus", "grafana"} <= set(services)
-    expected_ports = {"mlflow": 5000, "dlpipe": 8000, "prometheus": 9090, "grafana": 3000}
-    for name, port in expected_ports.items():
-        svc = services[name]
-        published = [str(p) for p in svc["ports"]]
-        assert any(p.endswith(f":{port}") for p in published), (name, published)
-        check = svc["healthcheck"]["test"]
+    assert set(SERVICES) <= set(services)
+    for name, port in SERVICES.items():
+        check = services[name]["healthcheck"]["test"]
         assert check[0] == "CMD" and f":{port}/" in " ".join(check), (name, check)
     assert "/health" in " ".join(services["dlpipe"]["healthcheck"]["test"])
     assert compose["services"]["dlpipe"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+
+
+def test_compose_publishes_ports_on_localhost_unless_asked(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    # MLflow's server has no authentication: not published at all.
+    assert "ports" not in services["mlflow"] and services["mlflow"]["expose"] == ["5000"]
+    for name in ("dlpipe", "grafana", "prometheus", "alertmanager"):
+        (published,) = services[name]["ports"]
+        host, host_port, container_port = interpolate(published).split(":")
+        assert host == "127.0.0.1", (name, published)  # an unset shell: loopback only
+        assert int(host_port) == int(container_port) == SERVICES[name]
+    # The operator may expose the server and Grafana (they authenticate) on purpose...
+    for name, variable in (("dlpipe", "DLPIPE_BIND_ADDRESS"), ("grafana", "GRAFANA_BIND_ADDRESS")):
+        (published,) = services[name]["ports"]
+        assert interpolate(published, {variable: "0.0.0.0"}).startswith("0.0.0.0:")
+    # ...but never Prometheus or Alertmanager, which have no authentication of their own.
+    for name in ("prometheus", "alertmanager"):
+        (published,) = services[name]["ports"]
+        assert published.startswith("127.0.0.1:"), published
+    ui = yaml.safe_load((DEPLOY / "docker-compose.mlflow-ui.yml").read_text())
+    (published,) = ui["services"]["mlflow"]["ports"]
+    assert interpolate(published) == "127.0.0.1:5000:5000"
+
+
+def test_compose_has_no_default_password(compose: dict[str, Any]) -> None:
+    env = compose["services"]["grafana"]["environment"]
+    with pytest.raises(UnsetRequired, match="GRAFANA_ADMIN_PASSWORD"):
+        _env_defaults(env)
+    shell = {"GRAFANA_ADMIN_PASSWORD": "s3cret-from-env"}
+    resolved = _env_defaults(env, shell)
+    assert resolved["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret-from-env"
+    assert resolved["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    assert not re.search(r"(PASSWORD|_KEYS?|TOKEN)\w*:-[^}]", text), "a secret with a default"
+
+
+def test_compose_prometheus_has_no_admin_apis_and_scrapes_with_a_secret(
+    compose: dict[str, Any],
+) -> None:
+    prometheus = compose["services"]["prometheus"]
+    flags = " ".join(prometheus["command"])
+    assert "--web.enable-lifecycle" not in flags and "--web.enable-admin-api" not in flags
+    assert prometheus["secrets"] == ["dlpipe_metrics_key"]
+    assert compose["secrets"]["dlpipe_metrics_key"] == {"environment": "DLPIPE_METRICS_KEY"}
+    scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "dlpipe"]
+    # Compose mounts a service's secret at /run/secrets/<name>.
+    assert job["authorization"] == {
+        "type": "Bearer",
+        "credentials_file": "/run/secrets/dlpipe_metrics_key",
+    }
 
 
 def test_compose_mlflow_keeps_database_and_artifacts_on_volumes(compose: dict[str, Any]) -> None:
@@ -162,34 +240,47 @@ def test_compose_mlflow_keeps_database_and_artifacts_on_volumes(compose: dict[st
     assert "sqlite:////mlflow/db/" in cmd
 
 
-def test_compose_env_configures_the_server_through_serve_settings(
-    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    env = _env_defaults(compose["services"]["dlpipe"]["environment"])
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    dlpipe_keys = {k for k in env if k.startswith("DLPIPE_")}
-    fields = {f"DLPIPE_{name.upper()}" for name in ServeSettings.model_fields}
-    assert dlpipe_keys <= fields, f"unknown settings: {dlpipe_keys - fields}"
+def _serve_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> ServeSettings:
+    """ServeSettings from exactly `env` (the test process's own DLPIPE_* removed)."""
     for key in list(os.environ):
         if key.startswith("DLPIPE_"):
             monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    settings = ServeSettings()  # the values compose passes are valid settings
+    return ServeSettings()
+
+
+def test_compose_env_configures_the_server_through_serve_settings(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = compose["services"]["dlpipe"]["environment"]
+    dlpipe_keys = {k for k in raw if k.startswith("DLPIPE_")}
+    fields = {f"DLPIPE_{name.upper()}" for name in ServeSettings.model_fields}
+    assert dlpipe_keys <= fields, f"unknown settings: {dlpipe_keys - fields}"
+    # Without keys in the environment the server refuses to start: no silent open server.
+    with pytest.raises(ValueError, match="require_auth"):
+        _serve_settings(_env_defaults(raw), monkeypatch)
+    shell = {"DLPIPE_API_KEYS": "k1,k2", "DLPIPE_METRICS_KEY": "scraper"}
+    env = _env_defaults(raw, shell)
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    settings = _serve_settings(env, monkeypatch)  # the values compose passes are valid settings
     assert settings.host == "0.0.0.0" and settings.port == 8000
     assert settings.model_name == "fashion_mnist_cnn"
     assert settings.tracking_uri == "http://mlflow:5000"
-    assert settings.api_keys == [] and settings.rate_limit is None
+    assert settings.require_auth is True
+    assert settings.api_keys == ["k1", "k2", "scraper"]  # Prometheus' key is one of them
+    assert settings.rate_limit is None
 
 
 def test_compose_mounts_files_that_exist(compose: dict[str, Any]) -> None:
-    for name in ("prometheus", "grafana"):
+    for name in ("prometheus", "alertmanager", "grafana"):
         for mount in compose["services"][name]["volumes"]:
             src = mount.split(":")[0]
             if src.startswith("."):
                 assert (DEPLOY / src).exists(), f"{name} mounts missing {src}"
     grafana_env = compose["services"]["grafana"]["environment"]
-    assert _env_defaults(grafana_env)["PROMETHEUS_URL"] == "http://prometheus:9090"
+    shell = {"GRAFANA_ADMIN_PASSWORD": "x"}
+    assert _env_defaults(grafana_env, shell)["PROMETHEUS_URL"] == "http://prometheus:9090"
     assert (
         "${PROMETHEUS_URL}"
         in (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
@@ -208,3 +299,15 @@ def test_compose_builds_the_image_from_the_repository_root(compose: dict[str, An
         assert "train" in services[name]["build"]["args"]["EXTRAS"].split(","), name
     # Different extras, different tags: one build must not overwrite the other's image.
     assert services["dlpipe"]["image"] != services["train"]["image"] == services["mlflow"]["image"]
+
+
+def test_env_example_names_every_secret_the_stack_needs(compose: dict[str, Any]) -> None:
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    required |= {s["environment"] for s in compose["secrets"].values() if "environment" in s}
+    required.add("DLPIPE_API_KEYS")
+    example = (DEPLOY / ".env.example").read_text()
+    listed = set(re.findall(r"^(\w+)=$", example, re.MULTILINE))  # present, and left empty
+    assert required <= listed, required - listed
+    ignored = (DEPLOY / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored  # the filled-in copy never reaches git
