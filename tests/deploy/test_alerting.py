@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
 import subprocess
 import threading
 import time
@@ -27,6 +28,7 @@ from deploy_helpers import (
     AMTOOL,
     DEPLOY,
     PROMETHEUS,
+    ROOT,
     WebhookReceiver,
     alertmanager,
     failing_package,
@@ -318,3 +320,21 @@ def test_a_scanner_pages_nobody_and_real_server_errors_reach_the_oncall_webhook(
         print(f"\n{len(failures)} failed requests; server error ratio {ratio:.1%}; paged")
         # Only the alert that should fire did; nothing went to the team's receiver.
         assert {a["labels"]["alertname"] for _, _, a in webhook.alerts()} == {"DlpipeHighErrorRate"}
+
+
+@needs_amtool
+def test_the_email_and_slack_examples_in_the_docs_are_valid(tmp_path: Path) -> None:
+    """docs/monitoring.md's receivers drop into the shipped config and pass amtool."""
+    doc = (ROOT / "docs" / "monitoring.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", doc, re.DOTALL) if "receivers:" in b]
+    (block,) = blocks
+    examples = yaml.safe_load(block)["receivers"]
+    kinds = {key for r in examples for key in r if key.endswith("_configs")}
+    assert kinds == {"email_configs", "slack_configs"}
+    config = yaml.safe_load(AM_CONFIG.read_text())
+    shipped = {r["name"] for r in config["receivers"]}
+    assert {r["name"] for r in examples} <= shipped  # same names: they replace, routes hold
+    config["receivers"] = examples + [r for r in config["receivers"] if r["name"] not in shipped]
+    (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(config))
+    result = _amtool("check-config", "alertmanager.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
