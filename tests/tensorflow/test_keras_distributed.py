@@ -11,7 +11,7 @@ from keras_helpers import keras_weights
 
 from dlpipe.config import PipelineConfig
 from dlpipe.training.keras_checkpoint import read_state
-from dlpipe.training.keras_fit import train_keras
+from dlpipe.training.keras_fit import config_from_keras_checkpoint, train_keras
 from dlpipe.training.trainer import TrainingError
 
 
@@ -49,6 +49,7 @@ def test_resume_with_another_plan_is_refused(
 ) -> None:
     cfg = keras_config("data.limit_train_samples=256", "tracking.register_model=false")
     first = train_keras(cfg, stop_after_epochs=1)
+    assert config_from_keras_checkpoint(first.checkpoint or "") == cfg  # what --resume reads
     changed = cfg.model_copy(deep=True)
     changed.training.num_epochs = 4
     with pytest.raises(TrainingError, match=r"training\.num_epochs=1 -> 4"):

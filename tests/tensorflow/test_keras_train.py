@@ -4,10 +4,12 @@ then the package through tf2onnx, ONNX Runtime and static INT8 like any other mo
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from keras_helpers import KERAS_CONFIG, TEXT_CONFIG, keras_weights
@@ -177,3 +179,24 @@ def test_text_model_trains_and_packages_its_tokenizer(tmp_path: Path, tmp_mlflow
 def test_train_keras_refuses_a_pytorch_config() -> None:
     with pytest.raises(ValueError, match=r"model\.framework: tensorflow"):
         train_keras(load_config(None))
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_and_exports_in_float32(
+    keras_config: Callable[..., PipelineConfig], tmp_mlflow_uri: str, tmp_path: Path
+) -> None:
+    cfg = keras_config(
+        "data.limit_train_samples=512",
+        "training.precision=bf16-mixed",
+        "tracking.register_model=false",
+    )
+    result = train_keras(cfg)
+    assert result.metrics["test/acc"] > 0.2  # it learns (chance: 0.1)
+    package = Path(result.package_dir or "")
+    assert load_package_metadata(package).format_details["training_precision"] == "bf16-mixed"
+    # Keras layers keep the mixed_bfloat16 policy; the export computes in float32 throughout.
+    exported = export_keras_package(package, tmp_path / "bf16.onnx")
+    assert exported.max_abs_diff <= 1e-4
+    graph = onnx.load(str(exported.path)).graph
+    casts = [a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+    assert onnx.TensorProto.BFLOAT16 not in casts

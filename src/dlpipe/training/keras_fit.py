@@ -116,6 +116,13 @@ def check_keras_resume_plan(cfg: PipelineConfig, checkpoint: Path) -> None:
         )
 
 
+def config_from_keras_checkpoint(path: str | Path) -> PipelineConfig:
+    """The config a Keras checkpoint was trained with (`dlpipe train --resume X.keras`)."""
+    from dlpipe.config import config_from_dict
+
+    return config_from_dict(read_state(resolve_keras_checkpoint(path))["config"])
+
+
 def write_splits(datamodule: Any, path: Path) -> None:
     """Raw samples of every split as arrays: uint8 N×H×W×C images (or texts) and int64 labels."""
     arrays: dict[str, np.ndarray] = {}
