@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,7 @@ def optimize_version(
     limit_eval_samples: int | None = None,
     measure: bool = True,
     work_dir: str | Path | None = None,
+    progress: Callable[[str, str], None] | None = None,
 ) -> OptimizationReport:
     """Build, gate, time and register each target variant of a registered version.
 
@@ -111,6 +112,8 @@ def optimize_version(
         register: False builds and gates without registering (a dry run).
         calibration_samples: INT8 calibration size (default: the package's optimize config).
         limit_eval_samples: cap the test split (quick runs).
+        progress: called with (item, step) as work starts: item "parent" (steps download,
+            evaluate, time) or a target (build, evaluate, time, register); step "done" ends one.
     """
     from dlpipe.data import build_datamodule
     from dlpipe.tracking.package import load_package_config, load_torch_model
@@ -121,6 +124,8 @@ def optimize_version(
     if max_accuracy_drop is not None and not 0.0 <= max_accuracy_drop <= 1.0:
         raise ValueError(f"max_accuracy_drop must be within [0, 1], got {max_accuracy_drop}")
     registry = registry or ModelRegistry()
+    say = progress or (lambda item, step: None)
+    say("parent", "download")
     package = Path(registry.get_model(name, version_or_alias))
     parent = registry.get_metadata(name, version_or_alias)
     cfg = load_package_config(package)
@@ -129,6 +134,7 @@ def optimize_version(
     eval_cfg = cfg.model_copy(deep=True)  # the variants' config.yaml stays the parent's
     if limit_eval_samples:
         eval_cfg.data.limit_eval_samples = limit_eval_samples
+    say("parent", "evaluate")
     net = load_torch_model(package)
     datamodule = build_datamodule(eval_cfg)
     test_batches = list(datamodule.test_dataloader())
@@ -147,7 +153,7 @@ def optimize_version(
         )  # fmt: skip
         ctx = _Context(
             name, parent, cfg, registry, register, max_drop, test_batches,
-            original_pred, measure, inputs, work,
+            original_pred, measure, inputs, work, progress=say,
         )  # fmt: skip
         results = []
         for target in chosen:
@@ -157,7 +163,11 @@ def optimize_version(
                 )
             except (ExportError, QuantizationError) as err:
                 results.append(VariantResult(target, "failed", PRECISION[target], reason=str(err)))
+            say(target, "done")
+        if measure:
+            say("parent", "time")
         baseline_latency = measure_latency(net, inputs) if measure else None
+        say("parent", "done")
     return OptimizationReport(
         name, parent.version, baseline, parent.model_size_mb, baseline_latency,
         int(labels.size), results,
@@ -177,6 +187,7 @@ class _Context:
     measure: bool
     inputs: Any
     work: Path
+    progress: Callable[[str, str], None]
 
 
 def _calibration(datamodule: Any, count: int, batch: int = 32) -> list[Any]:
@@ -194,6 +205,7 @@ def _build_target(
 ) -> VariantResult:
     precision = PRECISION[target]
     details: dict[str, Any] = {}
+    ctx.progress(target, "build")
     if target == "tensorrt":
         source = optimizer.fp32_onnx()
         trt = optimizer.optimize_tensorrt(source, ctx.work / "model.fp16.plan", "fp16")
@@ -219,6 +231,7 @@ def _build_target(
             calib = _calibration(datamodule, count)
         result = optimizer.quantize(precision, calibration_inputs=calib)
         path, details = result.path, dict(result.settings)
+    ctx.progress(target, "evaluate")
     report = validate_accuracy(None, path, ctx.test_batches, original_predictions=ctx.original_pred)
     variant = VariantResult(
         target, "kept", precision, size_mb=onnx_size_mb(path),
@@ -226,6 +239,7 @@ def _build_target(
     )  # fmt: skip
     variant.details["agreement"] = report.agreement
     if ctx.measure:
+        ctx.progress(target, "time")
         variant.latency = measure_latency(path, ctx.inputs)
     try:
         check_accuracy_gate(report, ctx.max_drop)
@@ -233,6 +247,7 @@ def _build_target(
         variant.status, variant.reason = "refused", str(err)
         return variant
     if ctx.register:
+        ctx.progress(target, "register")
         variant.version = _register(ctx, target, precision, path, variant)
     return variant
 
