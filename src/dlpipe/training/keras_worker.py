@@ -18,8 +18,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -397,9 +399,23 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m dlpipe.training.keras_worker JOB_DIR RANK", file=sys.stderr)
         return 2
     job_dir, rank = Path(args[0]), int(args[1])
+    exit_with_parent()
     configure_tensorflow(json.loads((job_dir / JOB_FILE).read_text()), rank)
     Worker(job_dir, rank).run()
     return 0
+
+
+def exit_with_parent(interval: float = 2.0) -> None:
+    """End this worker when the process that started it is gone (killed, not just failed):
+    an orphan would keep both cores busy, and its peers would wait for it forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="dlpipe-parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":
