@@ -54,7 +54,7 @@ def test_run_pipeline_end_to_end(tmp_path: Path) -> None:
         cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env}, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout)  # stdout is the summary alone
     variants = {v["variant"]: v for v in summary["variants"]}
     assert {"trained", "onnx", "int8"} <= set(variants)
     assert variants["trained"]["framework"] == "pytorch"
@@ -64,4 +64,4 @@ def test_run_pipeline_end_to_end(tmp_path: Path) -> None:
     assert served["versions"] == {summary["promoted_version"]: 300}
     promoted = next(v for v in summary["variants"] if v["version"] == summary["promoted_version"])
     assert promoted["accuracy"] is not None and served["accuracy"] > 0.5
-    assert "dlpipe run: fashion_mnist_cnn" in proc.stdout
+    assert "dlpipe run: fashion_mnist_cnn" in proc.stderr  # the table, beside the progress

@@ -4,6 +4,8 @@
 
 Train → register → optimize (ONNX + INT8 behind the accuracy gate) → promote the best variant that
 passes → start the real server → send the held-out test split through HTTP → print one summary.
+Exit 0 when every HTTP answer came back, 1 when a stage failed or the server answered errors, 2
+for a bad command line or config (before any work). With `--json` stdout holds the summary only.
 """
 
 from __future__ import annotations
@@ -13,12 +15,25 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Console
 
-from dlpipe.config import ConfigError, PipelineConfig, load_config
+from dlpipe.cli_progress import StepProgress
+from dlpipe.cli_support import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandParser,
+    Outcome,
+    add_config_flags,
+    add_json_flag,
+    add_tracking_flag,
+    run_command,
+    show_download_progress,
+)
+from dlpipe.config import PipelineConfig, load_config
 from dlpipe.evaluation import HttpEvalResult, ServerProcess, evaluate_over_http, raw_test_samples
 
 
@@ -64,7 +79,11 @@ def _tracking_uri(cfg: PipelineConfig) -> str:
 
 
 def _optimize(
-    cfg: PipelineConfig, name: str, version: str, registry: Any
+    cfg: PipelineConfig,
+    name: str,
+    version: str,
+    registry: Any,
+    progress: Callable[[str, str], None] | None = None,
 ) -> tuple[list[VariantRow], float | None]:
     """Build the configured variants; the accuracy gate decides which become versions.
 
@@ -79,6 +98,7 @@ def _optimize(
         max_accuracy_drop=cfg.optimize.max_accuracy_drop,
         registry=registry,
         calibration_samples=cfg.optimize.calibration_samples,
+        progress=progress,
     )
     rows = []
     for v in report.variants:
@@ -113,6 +133,7 @@ def run_pipeline(
     eval_limit: int | None = None,
     clients: int = 16,
     console: Console | None = None,
+    progress: Callable[[str, str], None] | None = None,
 ) -> PipelineSummary:
     """Run every stage once and return the summary (the server is stopped at the end)."""
     from dlpipe.tracking.registry import ModelRegistry
@@ -146,7 +167,7 @@ def run_pipeline(
     console.rule("[bold]2/4 optimize")
     variants: list[VariantRow] = []
     if cfg.optimize.targets:
-        variants, trained.latency_ms = _optimize(cfg, name, version, registry)
+        variants, trained.latency_ms = _optimize(cfg, name, version, registry, progress)
     timings["optimize"] = time.perf_counter() - t0
 
     champion = _pick_champion(trained, variants)
@@ -211,30 +232,43 @@ def print_summary(summary: PipelineSummary, console: Console) -> None:
     console.print(f"time: {spent}")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dlpipe run", description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", default="configs/fashion_mnist.yaml")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(prog="dlpipe run", description=__doc__.splitlines()[0])
+    add_config_flags(parser, default="configs/fashion_mnist.yaml")
     parser.add_argument("--eval-limit", type=int, default=None, help="test samples sent over HTTP")
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     parser.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
-    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.override)
-    except ConfigError as err:
-        print(f"dlpipe run: {err}", file=sys.stderr)
-        return 2
-    console = Console(stderr=True)
-    summary = run_pipeline(
-        cfg, port=args.port, eval_limit=args.eval_limit, clients=args.clients, console=console
-    )
-    print_summary(summary, Console())
-    if args.json:
-        print(summary.to_json())
+    add_tracking_flag(parser)
+    add_json_flag(parser, "the summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `dlpipe run`; returns the exit status."""
+    return run_command(build_parser(), run_job, argv)
+
+
+def run_job(args: argparse.Namespace) -> Outcome:
+    cfg = load_config(args.config, args.override)
+    if args.tracking_uri:
+        cfg.tracking.tracking_uri = args.tracking_uri
+    from dlpipe.optimize.cli import OPTIMIZE_STEPS
+
+    show_download_progress()
+    with StepProgress("dlpipe run", OPTIMIZE_STEPS) as progress:
+        summary = run_pipeline(
+            cfg, port=args.port, eval_limit=args.eval_limit, clients=args.clients,
+            console=Console(stderr=True), progress=progress,
+        )  # fmt: skip
     served = summary.served
-    return 0 if served is None or served.errors == 0 else 1
+    failed = served is not None and served.errors > 0
+    return Outcome(
+        asdict(summary),
+        lambda console: print_summary(summary, console),
+        status=EXIT_FAILED if failed else EXIT_OK,
+        error=f"{served.errors if served else 0} HTTP requests to the served model failed",
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

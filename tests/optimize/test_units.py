@@ -174,12 +174,14 @@ def test_model_reference_parsing(ref: str, expected: tuple[str, str | None]) -> 
     assert parse_model_ref(ref) == expected
 
 
-def test_cli_bad_input_is_one_line_and_nonzero(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["cnn:1", "--targets", "onnx,int4"]) == 1
+def test_cli_bad_input_is_one_usage_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cnn:1", "--targets", "onnx,int4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "int4" in err[0] and "allowed" in err[0]
-    assert main(["cnn:x:y"]) == 1
+    assert len(err) == 1 and "int4" in err[0] and "'onnx', 'int8'" in err[0]
+    assert main(["cnn:x:y"]) == 2
     assert "NAME@alias" in capsys.readouterr().err
+    assert main(["cnn:1", "--max-accuracy-drop", "1.5"]) == 2
+    assert "--max-accuracy-drop" in capsys.readouterr().err
 
 
 def test_model_optimizer_design_interface(tmp_path: Path, cnn_factory: Any) -> None:

@@ -80,11 +80,11 @@ def test_optimize_cli_registers_kept_variants_and_refuses_degraded_ones(
     registry, parent, uri = registered
     targets = "onnx,int8,fp16,pruned" + ("" if torch.cuda.is_available() else ",tensorrt")
     argv = [f"{NAME}:{parent}", "--targets", targets, "--max-accuracy-drop", "0.03"]
-    code = main([*argv, "--registry-uri", uri, "--json"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    report = json.loads(out.strip().splitlines()[-1])
-    assert "refused: dropped" in out  # the table says why the pruned variant is missing
+    code = main([*argv, "--tracking-uri", uri, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)  # stdout is the report alone; the table went to stderr
+    assert "refused: dropped" in err  # the table says why the pruned variant is missing
     variants = {v["target"]: v for v in report["variants"]}
     assert report["parent_version"] == parent and report["test_samples"] == 400
     assert report["baseline_accuracy"] > 0.5  # a real, if briefly trained, model

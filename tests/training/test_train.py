@@ -93,9 +93,9 @@ def test_cli_json_contract(
     save_config(fmnist_config(), config_file)
     code = main(["-c", str(config_file), "-o", "training.learning_rate=0.01", "--json"])
     assert code == 0
-    out = capsys.readouterr().out
-    assert "dlpipe train" in out  # the summary table
-    payload = json.loads(out.strip().splitlines()[-1])
+    out, err = capsys.readouterr()
+    assert "dlpipe train" in err  # the summary table: on stderr, stdout is the JSON alone
+    payload = json.loads(out)
     assert set(payload) == {"run_id", "model_name", "model_version", "metrics", "checkpoint"}
     assert payload["model_version"] == "1" and 0.0 <= payload["metrics"]["test/acc"] <= 1.0
     run = MlflowClient(tmp_mlflow_uri).get_run(payload["run_id"])
@@ -104,7 +104,7 @@ def test_cli_json_contract(
     # --resume without -c takes the config stored in the checkpoint.
     code = main(["--resume", payload["checkpoint"], "--json"])
     assert code == 0
-    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    resumed = json.loads(capsys.readouterr().out)
     assert resumed["model_version"] == "2"
     # A resume that would change the schedule is refused in one clear line.
     code = main(["--resume", payload["checkpoint"], "-o", "training.num_epochs=3"])

@@ -1,22 +1,42 @@
-"""`dlpipe models`: list the registered architectures."""
+"""`dlpipe models`: list the architectures in the catalogue.
+
+    dlpipe models --task text_classification --json      # {"minilm": "text_classification"}
+
+The catalogue is `dlpipe.models.architectures`; listing it imports no framework.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 
-from dlpipe.models.architectures import get_architecture, list_models
+from rich.console import Console
+
+from dlpipe.cli_support import CommandParser, Outcome, add_json_flag, run_command
+from dlpipe.models.architectures import TASKS, get_architecture, list_models
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dlpipe models", description="List model architectures.")
-    parser.add_argument("--task", choices=["image_classification", "text_classification"])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    names = list_models(args.task)
-    if args.json:
-        print(json.dumps({n: get_architecture(n).task for n in names}))
-    else:
-        for n in names:
-            print(f"{n:22s} {get_architecture(n).task}")
-    return 0
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(prog="dlpipe models", description="List model architectures.")
+    parser.add_argument("--task", choices=TASKS)
+    add_json_flag(parser, "{name: task}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `dlpipe models`; returns the exit status."""
+    return run_command(build_parser(), _job, argv)
+
+
+def _job(args: argparse.Namespace) -> Outcome:
+    tasks = {name: get_architecture(name).task for name in list_models(args.task)}
+
+    def render(console: Console) -> None:
+        for name, task in tasks.items():
+            console.out(f"{name:22s} {task}", highlight=False)
+
+    return Outcome(tasks, render)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

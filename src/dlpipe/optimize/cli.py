@@ -2,60 +2,100 @@
 
     dlpipe optimize fashion_mnist_cnn@champion --targets onnx,int8,fp16 --max-accuracy-drop 0.01
 
-Prints one row per variant (size, accuracy, drop, p50 latency, registered version or why it was
-refused/skipped). With `--json` the last stdout line is the whole report as one JSON object.
+Shows a bar per variant on stderr while it works, then one row per variant (size, accuracy,
+drop, p50 latency, registered version or why it was refused/skipped). With `--json` stdout
+holds the whole report as one JSON object. Exit 1 when a variant could not be built (the report
+still prints); a variant the accuracy gate refuses is a result, not a failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import sys
-from typing import Any
 
-from dlpipe.optimize.variants import TARGETS, OptimizationReport, parse_targets
+from rich.console import Console
+from rich.table import Table
 
-_REF = re.compile(r"^(?P<name>[^@:]+)(?:@(?P<alias>[\w.-]+)|:(?P<version>\d+))?$")
+from dlpipe.cli_progress import StepProgress
+from dlpipe.cli_support import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandParser,
+    Outcome,
+    add_field_flag,
+    add_json_flag,
+    add_tracking_flag,
+    parse_model_ref,
+    run_command,
+    show_download_progress,
+)
+from dlpipe.config import DataConfig, OptimizeConfig
+from dlpipe.optimize.variants import TARGETS, OptimizationReport
 
+__all__ = ["OPTIMIZE_STEPS", "build_parser", "main", "parse_model_ref", "render_table"]
 
-def parse_model_ref(ref: str) -> tuple[str, str | None]:
-    """`name`, `name@alias` or `name:version` -> (name, version or alias or None)."""
-    match = _REF.match(ref.strip())
-    if not match:
-        raise ValueError(f"model reference {ref!r} must look like NAME, NAME@alias or NAME:version")
-    return match["name"], match["alias"] or match["version"]
+OPTIMIZE_STEPS = {
+    "parent": ("download", "evaluate", "time"),
+    "*": ("build", "evaluate", "time", "register"),
+}
+"""The steps `optimize_version` reports for the parent and for each variant."""
+
+_FROM_CONFIG = "default: the model's stored config"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dlpipe optimize", description=__doc__.splitlines()[0])
+    p = CommandParser(prog="dlpipe optimize", description=__doc__.splitlines()[0])
     p.add_argument("model", help="NAME, NAME@alias or NAME:version of a registered model")
-    p.add_argument(
-        "--targets",
-        default=None,
-        help=f"comma-separated subset of {','.join(TARGETS)} (default: the model's config)",
-    )
-    p.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        default=None,
-        help="0.01 = 1 point (default: the model's config, usually 0.01)",
-    )
-    p.add_argument("--calibration-samples", type=int, default=None)
-    p.add_argument("--limit-eval-samples", type=int, default=None, help="cap the test split")
-    p.add_argument("--registry-uri", default=None, help="default: MLFLOW_REGISTRY_URI")
+    add_field_flag(
+        p, OptimizeConfig, "targets", help_text=f"subset of {','.join(TARGETS)}",
+        default_text=_FROM_CONFIG,
+    )  # fmt: skip
+    add_field_flag(
+        p, OptimizeConfig, "max_accuracy_drop", help_text="largest accuracy loss; 0.01 = 1 point",
+        default_text=_FROM_CONFIG,
+    )  # fmt: skip
+    add_field_flag(
+        p, OptimizeConfig, "calibration_samples", help_text="INT8 calibration samples",
+        default_text=_FROM_CONFIG,
+    )  # fmt: skip
+    add_field_flag(p, DataConfig, "limit_eval_samples", default_text="default: the whole split")
+    add_tracking_flag(p)
     p.add_argument("--dry-run", action="store_true", help="build and gate, register nothing")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurements")
-    p.add_argument("--json", action="store_true", help="last stdout line: the report as JSON")
+    add_json_flag(p, "the report")
     return p
 
 
-def render_table(report: OptimizationReport) -> None:
-    """Print the report as a rich table."""
-    from rich.console import Console
-    from rich.table import Table
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `dlpipe optimize`; returns the exit status."""
+    return run_command(build_parser(), optimize_job, argv)
 
+
+def optimize_job(args: argparse.Namespace) -> Outcome:
+    name, version = parse_model_ref(args.model)
+    from dlpipe.optimize.variants import optimize_version
+    from dlpipe.tracking.registry import ModelRegistry
+
+    show_download_progress()
+    with StepProgress("dlpipe optimize", OPTIMIZE_STEPS) as progress:
+        report = optimize_version(
+            name, version, args.targets, args.max_accuracy_drop,
+            registry=ModelRegistry(args.tracking_uri), register=not args.dry_run,
+            calibration_samples=args.calibration_samples,
+            limit_eval_samples=args.limit_eval_samples, measure=not args.no_latency,
+            progress=progress,
+        )  # fmt: skip
+    failed = [v.target for v in report.variants if v.status == "failed"]
+    return Outcome(
+        report.to_dict(),
+        lambda console: render_table(report, console),
+        status=EXIT_FAILED if failed else EXIT_OK,
+        error=f"{len(failed)} of {len(report.variants)} variants failed: {', '.join(failed)}",
+    )
+
+
+def render_table(report: OptimizationReport, console: Console | None = None) -> None:
+    """Print the report as a rich table."""
     title = f"{report.model_name} v{report.parent_version}: {report.test_samples} test samples"
     table = Table(title=title)
     for col in ("variant", "precision", "size MB", "accuracy", "drop (pts)", "p50 ms", "result"):
@@ -83,36 +123,8 @@ def render_table(report: OptimizationReport) -> None:
             f"{v.latency.p50_ms:.2f}" if v.latency else "-",
             result,
         )  # fmt: skip
-    Console(width=160).print(table)
+    (console or Console(width=160)).print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `dlpipe optimize`; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        name, version = parse_model_ref(args.model)
-        targets = parse_targets(args.targets) if args.targets else None
-        if args.max_accuracy_drop is not None and not 0.0 <= args.max_accuracy_drop <= 1.0:
-            raise ValueError("--max-accuracy-drop must be within [0, 1] (0.01 = 1 point)")
-        from dlpipe.optimize.variants import optimize_version
-        from dlpipe.tracking.registry import ModelRegistry
-
-        registry = ModelRegistry(args.registry_uri)
-        report = optimize_version(
-            name, version, targets, args.max_accuracy_drop, registry=registry,
-            register=not args.dry_run, calibration_samples=args.calibration_samples,
-            limit_eval_samples=args.limit_eval_samples, measure=not args.no_latency,
-        )  # fmt: skip
-    except Exception as err:  # one clear line, no traceback (contract of every subcommand)
-        print(f"dlpipe optimize: error: {err}".splitlines()[0], file=sys.stderr)
-        return 1
-    render_table(report)
-    if args.json:
-        print(json.dumps(_json_safe(report.to_dict())))
-    failed = [v for v in report.variants if v.status == "failed"]
-    return 2 if failed and len(failed) == len(report.variants) else 0
-
-
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,8 +5,10 @@
     dlpipe registry ab fashion --a 3 --b 4 --split 0.9
     dlpipe registry rollback fashion --to 3
 
-The store is `--tracking-uri`, else MLFLOW_TRACKING_URI. With `--json` the last stdout line is
-one JSON value. Errors print one line to stderr, exit non-zero and change nothing.
+The store is `--tracking-uri`, else MLflow's environment (MLFLOW_REGISTRY_URI, then
+MLFLOW_TRACKING_URI). With `--json` stdout holds one JSON value. An error prints one line to
+stderr and changes nothing: exit 2 for a bad command line, 1 when the registry refuses (unknown
+model, version or alias).
 """
 
 from __future__ import annotations
@@ -15,31 +17,43 @@ import argparse
 import json
 import logging
 import os
-import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from dlpipe.cli_support import (
+    CommandParser,
+    Outcome,
+    UsageError,
+    add_json_flag,
+    add_tracking_flag,
+    parse_model_ref,
+    run_command,
+)
 from dlpipe.routing import ABTestConfig, ab_config_to_dict
 
-
-class _UsageError(Exception):
-    """A command line argparse rejected."""
+Render = Callable[[Console], None]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
+    return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI)")
-    common.add_argument("--json", action="store_true", help="print one JSON value as last line")
-    parser = _Parser(prog="dlpipe registry", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def build_parser() -> argparse.ArgumentParser:
+    common = CommandParser(add_help=False)
+    add_tracking_flag(common)
+    add_json_flag(common, "the result")
+    parser = CommandParser(prog="dlpipe registry", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     p = sub.add_parser("list", parents=[common], help="every version with metadata and aliases")
     p.add_argument("name")
     p = sub.add_parser("show", parents=[common], help="one version: NAME, NAME@alias, NAME:3")
@@ -52,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--a", dest="model_a", help="version A")
     p.add_argument("--b", dest="model_b", help="version B")
-    p.add_argument("--split", type=float, help="share of traffic for A, in [0, 1]")
+    p.add_argument("--split", type=_fraction, help="share of traffic for A, in [0, 1]")
     p.add_argument("--clear", action="store_true", help="end the A/B split")
     p = sub.add_parser("rollback", parents=[common], help="send all traffic to a version")
     p.add_argument("name")
@@ -63,33 +77,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one `dlpipe registry` command; returns the exit code."""
-    args_list = sys.argv[1:] if argv is None else argv
-    try:
-        args = _parser().parse_args(args_list)
-    except _UsageError as err:
-        print(f"dlpipe registry: error: {err}", file=sys.stderr)
-        return 2
-    except SystemExit as done:  # -h / --help
-        return int(done.code or 0)
-    from mlflow.exceptions import MlflowException
+    """Run one `dlpipe registry` command; returns the exit status."""
+    return run_command(build_parser(), _job, argv)
 
+
+def _job(args: argparse.Namespace) -> Outcome:
     from dlpipe.tracking.registry import ModelRegistry
 
     _quiet_mlflow()  # after importing mlflow, which sets its own log levels
-
-    try:
-        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-        result, render = _COMMANDS[args.command](ModelRegistry(uri), args)
-    except (ValueError, LookupError, MlflowException) as err:  # RegistryError is a ValueError
-        message = str(getattr(err, "message", err)).strip().splitlines() or [type(err).__name__]
-        print(f"dlpipe registry: error: {message[0]}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result, sort_keys=True, default=str))
-    else:
-        render()
-    return 0
+    result, render = _COMMANDS[args.command](ModelRegistry(args.tracking_uri), args)
+    return Outcome(result, render)
 
 
 def _quiet_mlflow() -> None:
@@ -100,11 +97,11 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _cmd_list(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def _cmd_list(reg: Any, args: argparse.Namespace) -> tuple[Any, Render]:
     rows = reg.list_versions(args.name)
     ab = reg.get_ab_config(args.name)
 
-    def render() -> None:
+    def render(console: Console) -> None:
         table = Table(title=f"{args.name}: {len(rows)} version(s)")
         for col in (
             "version",
@@ -128,9 +125,9 @@ def _cmd_list(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
                 str(r.get("training_date", "?"))[:19],
                 str(r.get("parent_version") or ""),
             )
-        _console().print(table)
+        console.print(table)
         if ab is not None:
-            _console().print(
+            console.print(
                 f"A/B: {ab.model_a_version} gets {ab.traffic_split:.1%}, "
                 f"{ab.model_b_version} the rest"
             )
@@ -138,64 +135,64 @@ def _cmd_list(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     return rows, render
 
 
-def _cmd_show(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
-    name, version = _split_spec(args.spec)
+def _cmd_show(reg: Any, args: argparse.Namespace) -> tuple[Any, Render]:
+    name, version = parse_model_ref(args.spec)
     meta = reg.get_metadata(name, version)
     aliases: list[str] = next(
         (r["aliases"] for r in reg.list_versions(name) if r["version"] == meta.version), []
     )
     result = {**meta.to_dict(), "aliases": aliases}
 
-    def render() -> None:
+    def render(console: Console) -> None:
         table = Table(title=f"{name} version {meta.version}", show_header=False)
         table.add_column("field")
         table.add_column("value")
         for key, value in result.items():
             text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
             table.add_row(key, text)
-        _console().print(table)
+        console.print(table)
 
     return result, render
 
 
-def _cmd_promote(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def _cmd_promote(reg: Any, args: argparse.Namespace) -> tuple[Any, Render]:
     version = reg.promote(args.name, args.version, alias=args.alias)
     result = {"model": args.name, "alias": args.alias, "version": version}
-    return result, lambda: _console().print(f"{args.name}@{args.alias} -> version {version}")
+    return result, lambda console: console.print(f"{args.name}@{args.alias} -> version {version}")
 
 
-def _cmd_ab(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def _cmd_ab(reg: Any, args: argparse.Namespace) -> tuple[Any, Render]:
     given = [x is not None for x in (args.model_a, args.model_b, args.split)]
     if args.clear:
         if any(given):
-            raise ValueError("use either --clear or --a/--b/--split, not both")
+            raise UsageError("use either --clear or --a/--b/--split, not both")
         cleared = reg.clear_ab_config(args.name)
         result = {"model": args.name, "cleared": cleared, "ab_config": None}
         text = "A/B split ended" if cleared else "no A/B split was active"
-        return result, lambda: _console().print(f"{args.name}: {text}")
+        return result, lambda console: console.print(f"{args.name}: {text}")
     if not all(given):
-        raise ValueError("ab needs --a, --b and --split together, or --clear")
+        raise UsageError("ab needs --a, --b and --split together, or --clear")
     config = ABTestConfig(args.model_a, args.model_b, args.split)
     reg.set_ab_config(args.name, config)
     result = {"model": args.name, "ab_config": ab_config_to_dict(config)}
-    return result, lambda: _console().print(
+    return result, lambda console: console.print(
         f"{args.name}: version {config.model_a_version} gets {config.traffic_split:.1%}, "
         f"version {config.model_b_version} the rest"
     )
 
 
-def _cmd_rollback(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def _cmd_rollback(reg: Any, args: argparse.Namespace) -> tuple[Any, Render]:
     result = reg.rollback(args.name, args.to_version)
     gone = ", ".join(result["rolled_back_from"]) or "none"
-    return result, lambda: _console().print(
+    return result, lambda console: console.print(
         f"{args.name}: all traffic -> version {result['to']} (rolled back from: {gone})"
     )
 
 
-def _cmd_history(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def _cmd_history(reg: Any, args: argparse.Namespace) -> tuple[Any, Render]:
     entries = reg.history(args.name)
 
-    def render() -> None:
+    def render(console: Console) -> None:
         table = Table(title=f"{args.name}: audit trail")
         for col in ("time", "user", "action", "from", "to", "detail"):
             table.add_column(col)
@@ -208,7 +205,7 @@ def _cmd_history(reg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
                 _short(e.get("to")),
                 _short(e.get("detail")),
             )
-        _console().print(table)
+        console.print(table)
 
     return entries, render
 
@@ -221,17 +218,6 @@ _COMMANDS = {
     "rollback": _cmd_rollback,
     "history": _cmd_history,
 }
-
-
-def _split_spec(spec: str) -> tuple[str, str | None]:
-    """`name@alias`, `name:3` or `name` (latest)."""
-    if "@" in spec:
-        name, alias = spec.rsplit("@", 1)
-        return name, "@" + alias
-    if ":" in spec:
-        name, version = spec.rsplit(":", 1)
-        return name, version
-    return spec, None
 
 
 def _metrics(metrics: dict[str, float] | None) -> str:
@@ -250,10 +236,3 @@ def _short(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(_short(v) for v in value)
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-
-
-def _console() -> Console:
-    console = Console()
-    if not console.is_terminal:  # pipes and logs: do not squeeze tables into 80 columns
-        console = Console(width=160)
-    return console
