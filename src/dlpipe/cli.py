@@ -1,26 +1,54 @@
 """`dlpipe` command line: a table from subcommand to `module:main(argv) -> int`.
 
-dlpipe train -c configs/fashion_mnist.yaml -o training.num_epochs=3
+    dlpipe train -c configs/fashion_mnist.yaml -o training.num_epochs=3
+
+Every command keeps one contract (`dlpipe.cli_support`): exit status 0 success, 1 the job
+failed, 2 usage or configuration error; with `--json` stdout holds only the JSON.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from typing import NamedTuple
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("dlpipe.pipeline", "train, register, optimize, serve and evaluate end to end"),
-    "train": ("dlpipe.training.cli", "train a model (one process, DDP or Ray) and register it"),
-    "registry": ("dlpipe.tracking.cli", "list, show, promote, A/B split and roll back versions"),
-    "optimize": ("dlpipe.optimize.cli", "ONNX export, INT8/FP16 quantization, pruning, TensorRT"),
-    "serve": ("dlpipe.serving.cli", "serve registered models over HTTP (FastAPI + ONNX Runtime)"),
-    "models": ("dlpipe.models.cli", "list the model architectures"),
+from dlpipe.cli_support import EXIT_STATUS_HELP, EXIT_USAGE, missing_extra_line
+
+
+class Command(NamedTuple):
+    module: str
+    extra: str | None
+    """The pyproject extra the command needs beyond the core install."""
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command(
+        "dlpipe.pipeline", "all", "train, register, optimize, serve and evaluate end to end"
+    ),
+    "train": Command(
+        "dlpipe.training.cli", "train", "train a model (one process, DDP or Ray) and register it"
+    ),
+    "registry": Command(
+        "dlpipe.tracking.cli", "serve", "list, show, promote, A/B split and roll back versions"
+    ),
+    "optimize": Command(
+        "dlpipe.optimize.cli", "train", "ONNX export, INT8/FP16 quantization, pruning, TensorRT"
+    ),
+    "serve": Command(
+        "dlpipe.serving.cli", "serve", "serve registered models over HTTP (FastAPI + ONNX Runtime)"
+    ),
+    "models": Command("dlpipe.models.cli", None, "list the model architectures"),
+    "config": Command("dlpipe.config_cli", None, "list config keys and their docs; read one"),
 }
 
 
 def _usage() -> str:
-    rows = "\n".join(f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items())
-    return f"usage: dlpipe COMMAND [ARGS]\n\ncommands:\n{rows}\n\n`dlpipe COMMAND -h` for help."
+    rows = "\n".join(f"  {name:10s} {command.help}" for name, command in COMMANDS.items())
+    return (
+        f"usage: dlpipe COMMAND [ARGS]\n\ncommands:\n{rows}\n\n`dlpipe COMMAND -h` for help; "
+        f"--json on any command writes only JSON to stdout.\n{EXIT_STATUS_HELP}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"dlpipe: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr
         )
-        return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    code: int = module.main(rest)
+        return EXIT_USAGE
+    command = COMMANDS[name]
+    try:
+        module = importlib.import_module(command.module)
+        code: int = module.main(rest)
+    except ModuleNotFoundError as err:
+        # A lean install (`pip install 'dlpipe[serve]'`) lacks other commands' stacks.
+        if (err.name or "dlpipe").startswith("dlpipe"):
+            raise
+        print(missing_extra_line(f"dlpipe {name}", err, command.extra), file=sys.stderr)
+        return EXIT_USAGE
     return code
 
 
