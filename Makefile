@@ -41,8 +41,15 @@ system-deps:
 run: $(STAMP) system-deps
 	$(VENV)/bin/dlpipe run -c $(CONFIG)
 
+# Serves what `make run` registered: the config's registered model name (else its experiment
+# name, as training does), from the store `make run` used (the config's, else MLflow's default).
 serve: $(STAMP)
-	$(VENV)/bin/dlpipe serve
+	@set -e; cli=$(VENV)/bin/dlpipe; \
+	name=$$($$cli config get tracking.registered_model_name -c $(CONFIG)); \
+	[ -n "$$name" ] || name=$$($$cli config get training.experiment_name -c $(CONFIG)); \
+	uri=$$($$cli config get tracking.tracking_uri -c $(CONFIG)); \
+	echo "serving $$name from $${uri:-$${MLFLOW_TRACKING_URI:-the default MLflow store}}"; \
+	exec $$cli serve --model "$$name" $${uri:+--tracking-uri "$$uri"}
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
