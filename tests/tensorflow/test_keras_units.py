@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import zipfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from dlpipe.training.keras_data import (
     classification_metrics,
     epoch_plan,
 )
+from dlpipe.training.keras_fit import write_splits
 
 
 def test_epoch_plan_depends_only_on_seed_and_epoch() -> None:
@@ -121,9 +121,27 @@ def test_catalogue_lists_keras_models_beside_pytorch_ones() -> None:
     assert "tensorflow" not in sys.modules and "keras" not in sys.modules
 
 
-def test_job_files_are_plain_json(tmp_path: Path) -> None:
-    # The parent and the worker agree on file names through keras_worker's constants.
-    from dlpipe.training import keras_fit, keras_worker
+class _Splits:
+    """The two DataModule methods the parent uses: raw samples of each split."""
 
-    assert keras_fit.JOB_FILE == keras_worker.JOB_FILE == "job.json"
-    assert json.loads(json.dumps({"ports": keras_fit.free_ports(2)}))["ports"][0] > 0
+    def __init__(self, samples: dict[str, list[tuple[object, int]]]):
+        self.samples = samples
+
+    def raw_samples(self, split: str) -> list[tuple[object, int]]:
+        return self.samples[split]
+
+
+def test_splits_reach_the_worker_as_raw_arrays(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = {s: [(rng.integers(0, 256, (28, 28, 1), dtype=np.uint8), i % 3) for i in range(n)]
+              for s, n in (("train", 5), ("val", 2), ("test", 0))}  # fmt: skip
+    write_splits(_Splits(images), tmp_path / "img.npz")
+    with np.load(tmp_path / "img.npz") as data:
+        assert data["train_x"].dtype == np.uint8 and data["train_x"].shape == (5, 28, 28, 1)
+        assert np.array_equal(data["train_x"][3], images["train"][3][0])
+        assert data["train_y"].tolist() == [0, 1, 2, 0, 1] and len(data["test_y"]) == 0
+    texts = {s: [("good film", 1), ("dull — très", 0)] for s in ("train", "val", "test")}
+    write_splits(_Splits(texts), tmp_path / "txt.npz")
+    with np.load(tmp_path / "txt.npz", allow_pickle=False) as data:  # no pickled objects
+        assert data["val_x"].tolist() == ["good film", "dull — très"]
+        assert data["val_y"].dtype == np.int64
