@@ -175,8 +175,9 @@ def _build(path: str, spec_json: str) -> None:
 
 def _export(model_path: str, onnx_path: str, opset: str, src: str, dst: str) -> None:
     import onnx
-    import tensorflow as tf
     import tf2onnx
+
+    import tensorflow as tf
 
     model = _load(model_path)
     names = [t.name for t in model.inputs]
