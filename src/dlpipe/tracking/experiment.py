@@ -19,6 +19,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from dlpipe.tracking.context import context_tags
+
 # MLflow limits a param value to 6000 characters and a batch to 100 params.
 _MAX_PARAM_LENGTH = 6000
 _PARAM_BATCH = 100
@@ -77,15 +79,21 @@ class ExperimentTracker:
             raise TrackingError("no active run: call start_run() first")
         return self.run_id
 
-    def start_run(self, run_name: str, params: dict[str, Any]) -> str:
-        """Start a run in the experiment, log `params`, and return the run id."""
+    def start_run(
+        self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None
+    ) -> str:
+        """Start a run in the experiment, log `params`, and return the run id.
+
+        The run carries MLflow's context tags (user, source, git commit; see
+        `dlpipe.tracking.context`) plus `tags`.
+        """
         experiment = self.client.get_experiment_by_name(self.experiment_name)
         experiment_id = (
             experiment.experiment_id
             if experiment is not None
             else self.client.create_experiment(self.experiment_name)
         )
-        run = self.client.create_run(experiment_id, run_name=run_name)
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=context_tags(tags))
         self.run_id = run.info.run_id
         self.log_params(params)
         return self.run_id
