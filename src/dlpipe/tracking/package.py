@@ -1,6 +1,10 @@
-"""A model package: the plain directory a registry version stores (see docs/architecture.md).
+"""A model package: the directory a registry version stores (see docs/architecture.md).
 
 <dir>/config.yaml  preprocessing.json  metadata.json  weights.pt | model.onnx  [tokenizer.json]
+<dir>/MLmodel  requirements.txt  python_env.yaml  conda.yaml  input_example.json  ...
+
+The package files are what `dlpipe serve` reads; the MLflow files beside them
+(`dlpipe.tracking.mlflow_model`) make the same directory an MLflow model (pyfunc + onnx flavors).
 
 Serving imports the file names from here, so torch is imported only by the functions that read
 or write weights.
@@ -34,12 +38,16 @@ def save_model_package(
     net: nn.Module | None = None,
     onnx_path: str | Path | None = None,
     tokenizer_file: str | Path | None = None,
+    *,
+    mlflow_model: bool = True,
 ) -> Path:
     """Write a package directory with a PyTorch state_dict and/or an ONNX file.
 
     A text model's package also gets the tokenizer it was trained with (`tokenizer_file`, else
     the one `cfg.preprocessing.tokenizer_name` names) as `tokenizer.json`.
     `metadata.model_size_mb` is filled from the weights file written here when it is 0.
+    With `mlflow_model` the MLflow model files (MLmodel, environment, input example) are
+    written beside the package files.
     """
     if net is None and onnx_path is None:
         raise ValueError("a model package needs a network, an ONNX file, or both")
@@ -67,6 +75,10 @@ def save_model_package(
     if not metadata.model_size_mb:
         metadata.model_size_mb = package_size_mb(out)
     (out / METADATA_FILE).write_text(metadata.to_json())
+    if mlflow_model:
+        from dlpipe.tracking.mlflow_model import write_mlflow_model
+
+        write_mlflow_model(out)
     return out
 
 

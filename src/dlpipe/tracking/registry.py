@@ -14,6 +14,7 @@ cache (and its staleness bound) live in `registry_reader`.
 
 from __future__ import annotations
 
+import tempfile
 import time
 import uuid
 from functools import partial
@@ -27,7 +28,9 @@ from mlflow.exceptions import MlflowException
 from dlpipe.models.keras import KERAS_FILE
 from dlpipe.routing import ABTestConfig, ab_config_to_dict
 from dlpipe.tracking.audit import audit_entry
+from dlpipe.tracking.context import MLFLOW_PARENT_RUN_ID, context_tags
 from dlpipe.tracking.metadata import ModelMetadata
+from dlpipe.tracking.mlflow_model import MLMODEL_FILE, is_loadable_package, write_mlflow_model
 from dlpipe.tracking.package import MODEL_FILES
 from dlpipe.tracking.registry_reader import CHAMPION, RegistryReader
 from dlpipe.tracking.store import (
@@ -51,12 +54,17 @@ class ModelRegistry(RegistryReader):
         model_path: str | Path,
         metadata: ModelMetadata | dict[str, Any],
         run_id: str | None = None,
+        artifact_path: str | None = None,
     ) -> str:
         """Upload a model package directory and create a new version carrying `metadata`.
 
-        The package goes to `run_id`'s artifacts, or to a new run in an experiment named after
-        the model. Fills `metadata.version` (or `metadata["version"]`); returns the version.
-        Nothing is written when the metadata, package or parent_version is invalid.
+        The package goes to `run_id`'s artifacts (under `artifact_path`, default a fresh
+        `model-<id>` so no earlier version's files are overwritten), or to a new run in an
+        experiment named after the model. A package without `MLmodel` gets the MLflow model
+        files uploaded beside it (the directory itself is left as it is), so every version
+        loads with `mlflow.pyfunc.load_model`. Fills `metadata.version` (or
+        `metadata["version"]`); returns the version. Nothing is written when the metadata,
+        package or parent_version is invalid.
         """
         meta = coerce_metadata(metadata)
         package = Path(model_path)
@@ -75,15 +83,16 @@ class ModelRegistry(RegistryReader):
                 run = retry_locked(lambda: self.client.get_run(given))
             except MlflowException as err:
                 raise RegistryError(f"unknown run_id {run_id!r}") from err
-            artifact_path = f"model-{uuid.uuid4().hex[:8]}"
+            path = artifact_path or f"model-{uuid.uuid4().hex[:8]}"
         else:
             run = self._new_run(name)
-            artifact_path = "model"
+            path = artifact_path or "model"
         run_uuid: str = run.info.run_id
-        retry_locked(lambda: self.client.log_artifacts(run_uuid, str(package), artifact_path))
+        retry_locked(lambda: self.client.log_artifacts(run_uuid, str(package), path))
+        self._add_mlflow_model(package, run_uuid, path)
         if run_id is None:  # our own upload run is complete
             retry_locked(lambda: self.client.set_terminated(run_uuid))
-        source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+        source = f"{run.info.artifact_uri.rstrip('/')}/{path}"
         if not meta.source_run_id:
             meta.source_run_id = run_uuid
         mv = self._create_version(name, source, run_uuid, metadata_tags(meta))
@@ -161,6 +170,22 @@ class ModelRegistry(RegistryReader):
             "ab_cleared": ab_config_to_dict(ab),
         }
 
+    def start_run(
+        self,
+        name: str,
+        run_name: str,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> str:
+        """Start a run for work on model `name` (e.g. an optimization variant); its id.
+
+        Nested under `parent_run_id` (MLflow's `mlflow.parentRunId` tag, same experiment) when
+        that run exists, else in the experiment named after the model. End it with
+        `client.set_terminated`.
+        """
+        check_name(name)
+        return str(self._new_run(name, run_name, parent_run_id, tags).info.run_id)
+
     # ---- internals -----------------------------------------------------------------------
 
     def _record(
@@ -171,23 +196,56 @@ class ModelRegistry(RegistryReader):
         retry_locked(lambda: self.client.set_registered_model_tag(name, key, value))
         return self.routing.publish(name)
 
-    def _new_run(self, name: str) -> Run:
+    def _add_mlflow_model(self, package: Path, run_id: str, path: str) -> None:
+        """Upload MLmodel & co. for a package that has none (built by hand or by older code)."""
+        if (package / MLMODEL_FILE).is_file() or not is_loadable_package(package):
+            return
+        with tempfile.TemporaryDirectory(prefix="dlpipe-mlmodel-") as tmp:
+            write_mlflow_model(package, tmp)
+            retry_locked(lambda: self.client.log_artifacts(run_id, tmp, path))
+
+    def _new_run(
+        self,
+        name: str,
+        run_name: str = "registry",
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> Run:
+        """A run with MLflow's context tags: a child of `parent_run_id` in its experiment when
+        that run exists, else in the experiment named after the model (created if missing)."""
+        run_tags = dict(tags or {})
+        experiment_id = None
+        if parent_run_id:
+            try:
+                parent = retry_locked(lambda: self.client.get_run(parent_run_id))
+            except MlflowException as err:  # deleted or from another store: not nested then
+                if error_code(err) != NOT_FOUND:
+                    raise
+            else:
+                experiment_id = parent.info.experiment_id
+                run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        if experiment_id is None:
+            experiment_id = self._experiment_for(name)
+        resolved = context_tags(run_tags)
+        return retry_locked(
+            lambda: self.client.create_run(experiment_id, run_name=run_name, tags=resolved)
+        )
+
+    def _experiment_for(self, name: str) -> str:
         experiment = retry_locked(lambda: self.client.get_experiment_by_name(name))
         if experiment is None:
             try:
-                experiment_id = retry_locked(lambda: self.client.create_experiment(name))
+                return str(retry_locked(lambda: self.client.create_experiment(name)))
             except MlflowException as err:  # another process created it first
                 if error_code(err) != ALREADY_EXISTS:
                     raise
                 found = retry_locked(lambda: self.client.get_experiment_by_name(name))
                 if found is None:
                     raise
-                experiment_id = found.experiment_id
-        elif experiment.lifecycle_stage != "active":
+                return str(found.experiment_id)
+        if experiment.lifecycle_stage != "active":
             raise RegistryError(f"experiment {name!r} is deleted; restore it or pass run_id")
-        else:
-            experiment_id = experiment.experiment_id
-        return retry_locked(lambda: self.client.create_run(experiment_id, run_name="registry"))
+        return str(experiment.experiment_id)
 
     def _create_version(
         self, name: str, source: str, run_id: str, tags: dict[str, str]
