@@ -190,6 +190,7 @@ def _train_tracked(
     test_metrics = runner.test(model, datamodule)
     skipped = float(getattr(datamodule, "skipped_samples", 0))
     tracker.log_metrics({**test_metrics, "data/skipped_samples": skipped}, step=outcome.epochs)
+    _log_datasets(cfg, datamodule, tracker)
 
     class_names = list(getattr(datamodule, "class_names", []) or [])
     with tempfile.TemporaryDirectory(prefix="dlpipe-train-") as tmp:
@@ -197,8 +198,11 @@ def _train_tracked(
         _log_artifacts(cfg, model, datamodule, tracker, work, best, class_names)
         model_name = cfg.tracking.registered_model_name or cfg.training.experiment_name
         preprocessing = cfg.preprocessing
+        package_cfg = cfg
         if class_names and not preprocessing.class_names:
             preprocessing = preprocessing.model_copy(update={"class_names": class_names})
+            # The package's own config too: the server and the pyfunc label with its names.
+            package_cfg = cfg.model_copy(update={"preprocessing": preprocessing})
         metadata = ModelMetadata(
             model_name=model_name,
             framework="pytorch",
@@ -211,7 +215,7 @@ def _train_tracked(
             format_details={"strategy": cfg.training.strategy, "epochs": outcome.epochs},
         )
         package_dir = Path(cfg.training.checkpoint_dir) / run_id / "model"
-        save_model_package(package_dir, cfg, metadata, net=model.net)
+        save_model_package(package_dir, package_cfg, metadata, net=model.net)
         version = None
         if cfg.tracking.register_model:
             version = register_package(tracker, package_dir, metadata)
@@ -223,6 +227,17 @@ def _train_tracked(
         checkpoint=best,
         package_dir=str(package_dir),
     )
+
+
+def _log_datasets(cfg: PipelineConfig, datamodule: Any, tracker: ExperimentTracker) -> None:
+    """The train/val/test splits as `mlflow.data` inputs of the run (dlpipe's own DataModule;
+    a DataModule passed in without `raw_samples` has no raw splits to describe)."""
+    if not tracker.is_logging_rank or not hasattr(datamodule, "raw_samples"):
+        return
+    from dlpipe.tracking.datasets import log_datasets
+
+    assert tracker.run_id is not None
+    log_datasets(tracker.client, tracker.run_id, datamodule, cfg)
 
 
 def _log_artifacts(
