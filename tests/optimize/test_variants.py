@@ -117,3 +117,30 @@ def test_optimize_cli_registers_kept_variants_and_refuses_degraded_ones(
             assert precision_violations(model_file, v["precision"]) == []
     assert variants["int8"]["size_mb"] <= 0.30 * fp32_size
     assert variants["fp16"]["size_mb"] <= 0.55 * fp32_size
+
+    # Every variant, refused and skipped ones too, is a child run of the parent's run.
+    client = registry.client
+    parent_run = client.get_run(registry.get_metadata(NAME, parent).source_run_id)
+    children = client.search_runs(
+        [parent_run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run.info.run_id}'"
+    )
+    runs = {c.info.run_name: c for c in children}
+    assert set(runs) == set(variants)
+    for target, v in variants.items():
+        run = runs[target]
+        assert run.info.run_id == v["run_id"] and run.info.status == "FINISHED"
+        assert run.data.tags["dlpipe.status"] == v["status"]
+        assert run.data.params["precision"] == v["precision"]
+        assert run.data.params["parent_version"] == parent
+        if v["status"] == "skipped":
+            continue
+        assert run.data.metrics["accuracy"] == pytest.approx(v["accuracy"])
+        assert run.data.metrics["accuracy_drop"] == pytest.approx(v["drop"])
+        assert run.data.metrics["size_mb"] == pytest.approx(v["size_mb"])
+        assert run.data.metrics["latency_p95_ms"] == pytest.approx(v["latency"]["p95_ms"])
+        assert run.data.metrics["parent_accuracy"] == pytest.approx(report["baseline_accuracy"])
+    assert "dlpipe.model_version" not in runs["pruned"].data.tags
+    assert runs["pruned"].data.tags["dlpipe.reason"] == pruned["reason"]
+    for v in kept:
+        assert runs[v["target"]].data.tags["dlpipe.model_version"] == v["version"]
+        assert client.get_model_version(NAME, v["version"]).run_id == v["run_id"]

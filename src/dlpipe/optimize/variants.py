@@ -51,6 +51,8 @@ class VariantResult:
     version: str | None = None
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    """The variant's MLflow run, a child of the parent version's run (when registering)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -164,6 +166,8 @@ def optimize_version(
             except (ExportError, QuantizationError) as err:
                 results.append(VariantResult(target, "failed", PRECISION[target], reason=str(err)))
             say(target, "done")
+        if register:  # refused, skipped and failed variants are compared in the UI too
+            _log_unregistered(ctx, results)
         if measure:
             say("parent", "time")
         baseline_latency = measure_latency(net, inputs) if measure else None
@@ -267,9 +271,21 @@ def _pruned_onnx(
     return path, report.to_dict()
 
 
+def _log_unregistered(ctx: _Context, results: list[VariantResult]) -> None:
+    from dlpipe.tracking.runs import log_variant_run
+
+    for v in results:
+        if v.run_id is None:
+            v.run_id = log_variant_run(
+                ctx.registry, ctx.name, ctx.parent, v.to_dict(), ctx.max_drop
+            )
+
+
 def _register(ctx: _Context, target: str, precision: str, path: Path, v: VariantResult) -> str:
+    """Package the variant as an MLflow model and register it from its own child run."""
     from dlpipe.tracking.metadata import ModelMetadata
     from dlpipe.tracking.package import save_model_package
+    from dlpipe.tracking.runs import end_variant_run, start_variant_run
 
     parent = ctx.parent
     details = {"target": target, **v.details}
@@ -292,4 +308,13 @@ def _register(ctx: _Context, target: str, precision: str, path: Path, v: Variant
         format_details=details,
     )
     package = save_model_package(ctx.work / f"package-{target}", ctx.cfg, meta, onnx_path=path)
-    return str(ctx.registry.register_model(package, meta))
+    v.run_id = start_variant_run(ctx.registry, ctx.name, parent, v.to_dict(), ctx.max_drop)
+    try:
+        version = str(
+            ctx.registry.register_model(package, meta, run_id=v.run_id, artifact_path="model")
+        )
+    except BaseException:
+        end_variant_run(ctx.registry, v.run_id, {**v.to_dict(), "status": "failed"})
+        raise
+    end_variant_run(ctx.registry, v.run_id, v.to_dict(), version)
+    return version
