@@ -23,6 +23,7 @@ from dlpipe.optimize.quantize import onnx_size_mb, quantize_int8_static
 from dlpipe.optimize.tf_export import export_keras_package
 from dlpipe.tracking.package import load_package_config, load_package_metadata
 from dlpipe.tracking.registry import ModelRegistry
+from dlpipe.training.keras_checkpoint import read_state
 from dlpipe.training.keras_fit import train_keras
 from dlpipe.training.train import TrainResult
 
@@ -200,3 +201,27 @@ def test_bf16_mixed_precision_trains_and_exports_in_float32(
     graph = onnx.load(str(exported.path)).graph
     casts = [a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
     assert onnx.TensorProto.BFLOAT16 not in casts
+
+
+def test_early_stopping_ends_the_run_and_tests_the_best_epoch(
+    keras_config: Callable[..., PipelineConfig], tmp_mlflow_uri: str
+) -> None:
+    # The one-cycle learning rate rises through warm-up (30 % of 5 epochs), so monitored with
+    # mode "min" it stops improving after epoch 0: patience 1 ends the run after epoch 1.
+    cfg = keras_config(
+        "data.limit_train_samples=512",
+        "training.num_epochs=5",
+        "training.monitor=train/lr",
+        "training.monitor_mode=min",
+        "training.early_stopping_patience=1",
+        "training.accumulate_grad_batches=2",
+        "training.gradient_clip_val=1.0",
+        "tracking.register_model=false",
+    )
+    result = train_keras(cfg)
+    history = MlflowClient(tmp_mlflow_uri).get_metric_history(result.run_id, "train/lr")
+    assert [m.step for m in history] == [0, 1] and history[1].value > history[0].value
+    state = read_state(result.checkpoint or "")
+    assert Path(result.checkpoint or "").name == "best.keras"
+    assert state["epoch"] == 1 and state["best_epoch"] == 0  # the tested model is epoch 0's
+    assert read_state(Path(result.checkpoint or "").with_name("last.keras"))["epoch"] == 2

@@ -55,12 +55,12 @@ def make_strategy(world: int) -> Any:
     return NestedReduceStrategy()
 
 
-def learning_rate(cfg: PipelineConfig, total_updates: int) -> Any:
-    """The schedule for `training.scheduler` over `total_updates` optimizer steps."""
+def learning_rate(cfg: PipelineConfig, total_batches: int) -> Any:
+    """The schedule for `training.scheduler` over `total_batches` training batches."""
     import keras
 
     t = cfg.training
-    total = max(1, total_updates)
+    total = max(1, total_batches)
     if t.scheduler == "onecycle":  # PyTorch OneCycleLR's shape: 30 % warm-up from lr/25, cosine
         warm = max(1, int(0.3 * total))
         return keras.optimizers.schedules.CosineDecay(

@@ -115,14 +115,15 @@ class Worker:
             extra["vocab_size"] = Tokenizer.from_file(str(self.pre.tokenizer_file)).get_vocab_size()
         elif self.world > 1:
             extra["sync_batchnorm"] = True  # same moving statistics on every worker
-        updates_per_epoch = max(1, steps_per_epoch // t.accumulate_grad_batches)
-        total = t.num_epochs * updates_per_epoch
+        # Keras schedules count batches, also under gradient accumulation (max_steps counts
+        # optimizer updates, as in Lightning).
+        total = t.num_epochs * steps_per_epoch
         if t.max_steps > 0:
-            total = min(total, t.max_steps)
+            total = min(total, t.max_steps * t.accumulate_grad_batches)
         with strategy.scope():
             model = build_keras_model(self.cfg, **extra)
             optimizer = keras.optimizers.AdamW(
-                learning_rate(self.cfg, total),
+                learning_rate(self.cfg, total_batches=total),
                 weight_decay=t.weight_decay,
                 global_clipnorm=t.gradient_clip_val,
                 gradient_accumulation_steps=(
