@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import zipfile
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from torchmetrics.classification import MulticlassF1Score
 
 from dlpipe.config import ConfigError, load_config
+from dlpipe.data.preprocessing import AugmentParams, DataPreprocessor
 from dlpipe.models import create_model, list_models, model_framework
 from dlpipe.training.keras_checkpoint import (
     KerasCheckpointCorruptedWarning,
@@ -22,11 +24,13 @@ from dlpipe.training.keras_checkpoint import (
     verify_keras_checkpoint,
 )
 from dlpipe.training.keras_data import (
+    EpochPlan,
     batches_per_epoch,
     classification_metrics,
     epoch_plan,
 )
 from dlpipe.training.keras_fit import write_splits
+from dlpipe.training.keras_worker import DATA_FILE, JOB_FILE, Worker
 
 
 def test_epoch_plan_depends_only_on_seed_and_epoch() -> None:
@@ -145,3 +149,29 @@ def test_splits_reach_the_worker_as_raw_arrays(tmp_path: Path) -> None:
     with np.load(tmp_path / "txt.npz", allow_pickle=False) as data:  # no pickled objects
         assert data["val_x"].tolist() == ["good film", "dull — très"]
         assert data["val_y"].dtype == np.int64
+
+
+def test_worker_inputs_are_the_data_preprocessor_outputs(tmp_path: Path) -> None:
+    # Design Property 20 for Keras: the worker's training inputs (augmentation drawn as the
+    # identity) and its validation inputs are exactly what serving's preprocessing produces.
+    rng = np.random.default_rng(1)
+    raw = [(rng.integers(0, 256, (28, 28, 1), dtype=np.uint8), i % 10) for i in range(6)]
+    write_splits(_Splits({"train": raw, "val": raw, "test": raw}), tmp_path / DATA_FILE)
+    cfg = load_config(None, ["model.name=keras_cnn", "model.framework=tensorflow"])
+    (tmp_path / JOB_FILE).write_text(
+        json.dumps({"config": cfg.model_dump(mode="json"), "world": 1})
+    )
+    worker = Worker(tmp_path, 0)
+    worker.load_data()
+    pre = DataPreprocessor(cfg.preprocessing)
+    served = pre.preprocess_inference_batch([image for image, _ in raw])
+    pad = pre.crop_padding
+    identity = EpochPlan(np.arange(6), np.zeros(6, bool), np.full((6, 2), pad), 1)
+    assert np.array_equal(worker.epoch_inputs(identity), served)
+    assert np.array_equal(worker.inputs["val"], served)
+    drawn = epoch_plan(6, seed=3, epoch=0, crop_padding=pad)
+    images = np.stack([image for image, _ in raw])[drawn.order]
+    want = pre.train_batch(images, params=AugmentParams(drawn.flip, drawn.shift))
+    assert np.array_equal(worker.epoch_inputs(drawn), want)
+    assert not np.array_equal(want, served[drawn.order])  # the draw did augment
+    assert "tensorflow" not in sys.modules
