@@ -32,8 +32,6 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.console import Console
 
-from dlpipe.config import ConfigError
-
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_STATUS_HELP = "exit status: 0 success, 1 the job failed, 2 usage or configuration error"
 
@@ -99,7 +97,7 @@ def run_command(
         with stdout_to_stderr() if as_json else contextlib.nullcontext():
             outcome = job(args)
             outcome.render(table_console())
-    except (UsageError, ConfigError) as err:
+    except UsageError as err:
         return report_error(prog, err, EXIT_USAGE)
     except ModuleNotFoundError as err:
         if (err.name or "dlpipe").startswith("dlpipe"):
@@ -118,6 +116,16 @@ def run_command(
     if outcome.status != EXIT_OK and outcome.error:
         report_error(prog, Exception(outcome.error), outcome.status)
     return outcome.status
+
+
+@contextlib.contextmanager
+def as_usage_error(*kinds: type[Exception]) -> Iterator[None]:
+    """Errors of these kinds raised inside are the user's (exit 2), e.g. `ConfigError` while
+    reading the config they gave; the same error from a stored model's config is the job's."""
+    try:
+        yield
+    except kinds as err:
+        raise UsageError(str(err)) from err
 
 
 def report_error(prog: str, err: BaseException, status: int) -> int:

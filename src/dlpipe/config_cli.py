@@ -31,9 +31,10 @@ from dlpipe.cli_support import (
     UsageError,
     add_config_flags,
     add_json_flag,
+    as_usage_error,
     run_command,
 )
-from dlpipe.config import PipelineConfig, load_config
+from dlpipe.config import ConfigError, PipelineConfig, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _job(args: argparse.Namespace) -> Outcome:
-    cfg = load_config(args.config, args.override)
+    with as_usage_error(ConfigError):
+        cfg = load_config(args.config, args.override)
     rows = config_keys(cfg)
     if args.command == "keys":
         return Outcome(rows, lambda console: _render_keys(rows, console))

@@ -30,10 +30,11 @@ from dlpipe.cli_support import (
     add_config_flags,
     add_json_flag,
     add_tracking_flag,
+    as_usage_error,
     run_command,
     show_download_progress,
 )
-from dlpipe.config import PipelineConfig, load_config
+from dlpipe.config import ConfigError, PipelineConfig, load_config
 from dlpipe.evaluation import HttpEvalResult, ServerProcess, evaluate_over_http, raw_test_samples
 
 
@@ -249,9 +250,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_job(args: argparse.Namespace) -> Outcome:
-    cfg = load_config(args.config, args.override)
-    if args.tracking_uri:
-        cfg.tracking.tracking_uri = args.tracking_uri
+    with as_usage_error(ConfigError):  # the config and the machine, before any work
+        cfg = load_config(args.config, args.override)
+        if args.tracking_uri:
+            cfg.tracking.tracking_uri = args.tracking_uri
+        from dlpipe.training.devices import check_devices
+
+        check_devices(cfg.training)
     from dlpipe.optimize.cli import OPTIMIZE_STEPS
 
     show_download_progress()

@@ -25,6 +25,7 @@ from dlpipe.cli_support import (
     add_config_flags,
     add_json_flag,
     add_tracking_flag,
+    as_usage_error,
     run_command,
 )
 from dlpipe.config import (
@@ -56,13 +57,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_job(args: argparse.Namespace) -> Outcome:
     """Check the config and the machine, then train (every failure after that is the job's)."""
-    cfg = _resolve_config(args)
-    if args.tracking_uri:
-        cfg.tracking.tracking_uri = args.tracking_uri
     from dlpipe.training.devices import check_devices
     from dlpipe.training.train import train
 
-    check_devices(cfg.training)
+    with as_usage_error(ConfigError):
+        cfg = _resolve_config(args)
+        if args.tracking_uri:
+            cfg.tracking.tracking_uri = args.tracking_uri
+        check_devices(cfg.training)
     start = time.perf_counter()
     result = train(cfg, resume_from=args.resume)
     seconds = time.perf_counter() - start
