@@ -169,8 +169,10 @@ def test_pyfunc_takes_every_raw_image_form_and_matches_hand_computed_numbers(
             np.stack(got["probabilities"]), np.stack(reference["probabilities"]), atol=1e-7,
             err_msg=form,
         )  # fmt: skip
-    direct = PackageModel(packages["onnx"], device="cpu").predict(images)  # an N×H×W stack
-    assert list(direct["label"]) == list(reference["label"])
+    direct = PackageModel(packages["onnx"], device="cpu")
+    assert list(direct.predict(images)["label"]) == list(reference["label"])  # N×H×W stack
+    empty = direct.predict(pd.DataFrame({"image": []}))
+    assert list(empty.columns) == list(OUTPUT_COLUMNS) and len(empty) == 0
 
     for bad in ([b"not an image"], [images[0].astype(np.float32)]):
         with pytest.raises(MlflowException) as err:

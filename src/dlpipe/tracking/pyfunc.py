@@ -23,12 +23,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dlpipe.tracking.mlflow_model import IMAGE_COLUMN, TEXT_COLUMN, package_preprocessing
+from dlpipe.tracking.mlflow_model import (
+    IMAGE_COLUMN,
+    OUTPUT_COLUMNS,
+    TEXT_COLUMN,
+    package_preprocessing,
+)
 
 BATCH_SIZE = 64
 """Inputs per engine call: bounds memory on large DataFrames."""
@@ -55,6 +61,8 @@ class PackageModel:
             self.preprocessing, tokenizer_file=tokenizer if tokenizer.is_file() else None
         )
         self.engine = InferenceEngine(self.directory, device)
+        # The engine takes one caller at a time; scoring servers may call from several threads.
+        self._engine_lock = threading.Lock()
         self.is_text = self.preprocessing.task_type == "text_classification"
         self.column = TEXT_COLUMN if self.is_text else IMAGE_COLUMN
 
@@ -64,7 +72,7 @@ class PackageModel:
 
         samples = [self._sample(value, i) for i, value in enumerate(self._values(model_input))]
         if not samples:
-            return pd.DataFrame({c: [] for c in ("label", "class_index", "probability")})
+            return pd.DataFrame({c: [] for c in OUTPUT_COLUMNS})
         probs = np.concatenate(
             [self._probabilities(samples[i : i + BATCH_SIZE], i)
              for i in range(0, len(samples), BATCH_SIZE)]
@@ -87,7 +95,8 @@ class PackageModel:
 
         try:
             batch = self.preprocessor.preprocess_inference_batch(samples)
-            logits = np.asarray(self.engine.predict_batch(batch), dtype=np.float64)
+            with self._engine_lock:
+                logits = np.asarray(self.engine.predict_batch(batch), dtype=np.float64)
         except (InvalidInputError, ShapeMismatchError) as err:
             where = f"rows {first_row}-{first_row + len(samples) - 1}"
             raise _invalid(f"{where}: {err}") from None
