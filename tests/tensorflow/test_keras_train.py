@@ -58,6 +58,8 @@ def test_run_holds_params_epoch_metrics_and_artifacts(
     assert run.info.status == "FINISHED"
     assert run.data.params == cfg.flat_params()
     assert run.data.tags["dlpipe.framework"] == "tensorflow"
+    contexts = sorted(t.value for d in run.inputs.dataset_inputs for t in d.tags)
+    assert contexts == ["test", "training", "validation"]
     for key in EPOCH_KEYS:
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [0, 1], key
     losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]

@@ -242,6 +242,10 @@ def _train_tracked(
             "stop_after_epochs": stop_after_epochs,
         }
         (job_dir / JOB_FILE).write_text(json.dumps(job))
+        if tracker.is_logging_rank and hasattr(datamodule, "raw_samples"):
+            from dlpipe.tracking.datasets import log_datasets
+
+            log_datasets(tracker.client, run_id, datamodule, cfg)  # as the PyTorch path does
         outcome = run_workers(job_dir, world, on_record)
         test_metrics = {k: float(v) for k, v in outcome["test"].items()}
         skipped = float(getattr(datamodule, "skipped_samples", 0))
@@ -250,9 +254,11 @@ def _train_tracked(
         tested = outcome["tested_checkpoint"]
         _log_artifacts(cfg, datamodule, tracker, job_dir, tested, outcome, class_names)
         model_name = cfg.tracking.registered_model_name or cfg.training.experiment_name
-        preprocessing = cfg.preprocessing
+        preprocessing, package_cfg = cfg.preprocessing, cfg
         if class_names and not preprocessing.class_names:
             preprocessing = preprocessing.model_copy(update={"class_names": class_names})
+            # The package's own config too: servers label with its names.
+            package_cfg = cfg.model_copy(update={"preprocessing": preprocessing})
         metadata = ModelMetadata(
             model_name=model_name,
             framework="tensorflow",
@@ -271,7 +277,7 @@ def _train_tracked(
             },
         )
         package_dir = Path(cfg.training.checkpoint_dir) / run_id / "model"
-        save_keras_package(package_dir, cfg, metadata, job_dir / MODEL_FILE, datamodule)
+        save_keras_package(package_dir, package_cfg, metadata, job_dir / MODEL_FILE, datamodule)
         version = None
         if cfg.tracking.register_model:
             version = register_package(tracker, package_dir, metadata)
