@@ -179,9 +179,11 @@ def test_text_model_trains_and_packages_its_tokenizer(tmp_path: Path, tmp_mlflow
     assert exported.max_abs_diff <= 1e-4
 
 
-def test_train_keras_refuses_a_pytorch_config() -> None:
+def test_train_keras_refuses_what_it_cannot_honour(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"model\.framework: tensorflow"):
         train_keras(load_config(None))
+    with pytest.raises(ValueError, match=r"model\.weights_path"):
+        train_keras(load_config(KERAS_CONFIG, [f"model.weights_path={tmp_path / 'w.keras'}"]))
 
 
 @pytest.mark.slow

@@ -78,6 +78,8 @@ def train_keras(
         raise ValueError(
             f"train_keras needs model.framework: tensorflow, got {cfg.model.framework!r}"
         )
+    if cfg.model.weights_path:  # refused rather than silently ignored
+        raise ValueError("model.weights_path is not supported for Keras models; use resume_from")
     resume_path = resolve_keras_checkpoint(resume_from) if resume_from else None
     if resume_path is not None:
         check_keras_resume_plan(cfg, resume_path)

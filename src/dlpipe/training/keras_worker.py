@@ -236,10 +236,15 @@ class Worker:
         }
 
     def validate(self, model: Any, strategy: Any) -> dict[str, float]:
-        if len(self.labels["val"]) == 0:
+        n = len(self.labels["val"])
+        if n == 0:
             return {}
+        t = self.cfg.training
+        keep = slice(0, batches_per_epoch(n, t.batch_size, t.limit_val_batches) * t.batch_size)
+        inputs = self.inputs["val"]
+        inputs = tuple(a[keep] for a in inputs) if isinstance(inputs, tuple) else inputs[keep]
         metrics, _ = classification_metrics(
-            self.logits(model, self.inputs["val"]), self.labels["val"], self.num_classes
+            self.logits(model, inputs), self.labels["val"][keep], self.num_classes
         )
         values = np.array([metrics["loss"], metrics["acc"], metrics["f1"]], dtype=np.float64)
         if self.world > 1:
