@@ -31,7 +31,7 @@ from dlpipe.tracking.datasets import content_digest, log_datasets
 from dlpipe.tracking.metadata import ModelMetadata, utc_now
 from dlpipe.tracking.mlflow_model import OUTPUT_COLUMNS
 from dlpipe.tracking.package import save_model_package
-from dlpipe.tracking.pyfunc import PackageModel
+from dlpipe.serving.pyfunc import PackageModel
 from dlpipe.tracking.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ def test_packages_are_mlflow_models_with_flavors_signature_and_example(
         package = packages[kind]
         model = Model.load(str(package / "MLmodel"))
         pyfunc = model.flavors["python_function"]
-        assert pyfunc["loader_module"] == "dlpipe.tracking.pyfunc" and pyfunc["data"] == "."
+        assert pyfunc["loader_module"] == "dlpipe.serving.pyfunc" and pyfunc["data"] == "."
         assert model.signature.inputs.input_names() == ["image"]
         assert tuple(model.signature.outputs.input_names()) == OUTPUT_COLUMNS
         assert model.metadata is not None and model.metadata["dlpipe"]["class_names"] == CLASSES

@@ -1,6 +1,6 @@
 """A model package is also an MLflow model: `MLmodel` and its files beside the package files.
 
-    <dir>/MLmodel                    python_function flavor (loader `dlpipe.tracking.pyfunc`,
+    <dir>/MLmodel                    python_function flavor (loader `dlpipe.serving.pyfunc`,
                                      data "."), plus the `onnx` flavor (data model.onnx) when the
                                      package has an ONNX graph; signature; dlpipe metadata
     <dir>/requirements.txt  python_env.yaml  conda.yaml
@@ -9,7 +9,7 @@
 So `mlflow.pyfunc.load_model("models:/NAME@champion")`, `mlflow models serve` and MLflow-aware
 servers (MLServer, KServe's MLflow runtime) load a registered version, while `dlpipe serve`
 keeps reading the same directory as before. The pyfunc input and output columns are described
-in `dlpipe.tracking.pyfunc`. No PyTorch flavor: `weights.pt` is a state_dict, which
+in `dlpipe.serving.pyfunc`. No PyTorch flavor: `weights.pt` is a state_dict, which
 `mlflow.pytorch` cannot load; the pyfunc rebuilds the network from config.yaml instead.
 """
 
@@ -24,7 +24,7 @@ from dlpipe.config import PreprocessingConfig
 from dlpipe.tracking.metadata import ModelMetadata
 
 MLMODEL_FILE = "MLmodel"
-LOADER_MODULE = "dlpipe.tracking.pyfunc"
+LOADER_MODULE = "dlpipe.serving.pyfunc"
 IMAGE_COLUMN = "image"
 TEXT_COLUMN = "text"
 OUTPUT_COLUMNS = ("label", "class_index", "probability", "probabilities")
