@@ -26,6 +26,7 @@ from dlpipe.serving.errors import ServingError, error_body
 from dlpipe.serving.inputs import UploadPolicy
 from dlpipe.serving.manager import ModelManager, freeze_startup_heap
 from dlpipe.serving.middleware import RequestContextMiddleware
+from dlpipe.serving.openapi import served_openapi
 from dlpipe.serving.routes import health, metrics, models, predict, v2
 from dlpipe.serving.security import Guard
 from dlpipe.serving.settings import ServeSettings, get_settings
@@ -166,6 +167,7 @@ def create_app(
     # No dependency_overrides here: FastAPI re-analyses every dependency of every request
     # while any override is set (several times the cost of our whole request path).
     _install_error_handlers(app, collector)
+    app.openapi = lambda: served_openapi(app)  # type: ignore[method-assign]
     for module in (predict, health, metrics, models, v2):
         app.include_router(module.router)
     app.add_middleware(

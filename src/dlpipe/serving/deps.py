@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from pydantic import BaseModel
 
-from dlpipe.serving.errors import ModelUnavailable
+from dlpipe.serving.errors import InvalidRequest, ModelUnavailable
 from dlpipe.serving.manager import ModelManager
 from dlpipe.serving.settings import ServeSettings
 
@@ -27,8 +28,13 @@ def manager_of(request: Request) -> ModelManager:
 def routing_of(request: Request) -> tuple[str | None, str | None]:
     """(pinned version, sticky key) from `X-Model-Version` / `?version=` and `X-Request-Key`."""
     headers = request.headers
-    version = headers.get("x-model-version") or request.query_params.get("version")
-    return version, headers.get("x-request-key")
+    header = headers.get("x-model-version")
+    query = request.query_params.get("version")
+    if header == "" or query == "":
+        raise InvalidRequest("X-Model-Version / ?version must name a version when given")
+    if header is not None and query is not None and header != query:
+        raise InvalidRequest(f"X-Model-Version {header!r} and ?version={query!r} disagree")
+    return header or query, headers.get("x-request-key") or None
 
 
 # Dependencies are `async def`: a plain `def` dependency would cost two thread hops.
@@ -75,3 +81,45 @@ ROUTING_PARAMETERS = [
 AUTH_PARAMETERS = [
     _header("X-API-Key", "API key (or `Authorization: Bearer <key>`) when keys are configured"),
 ]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    """Machine-readable kind (also the `error_type` label of `dlpipe_errors_total`)."""
+    message: str
+    """What was wrong with the request."""
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    """The error shape of every route outside /v2."""
+
+    error: ErrorDetail
+
+
+class ProtocolErrorBody(BaseModel):
+    """The Open Inference Protocol's error shape (the /v2 routes)."""
+
+    error: str
+
+
+_WHY = {
+    400: "malformed request: the message says what was wrong",
+    401: "API key missing or wrong (when keys are configured)",
+    404: "unknown model or version",
+    408: "the request body did not arrive in time",
+    413: "body, image or text beyond the configured limits",
+    415: "unsupported content type",
+    422: "the model's output is not finite for these inputs",
+    429: "rate limit or failed-key limit reached (see Retry-After)",
+    503: "no version loaded yet, or the server sheds load (see Retry-After)",
+    504: "no answer within the request deadline",
+}
+INFERENCE_ERRORS = (400, 401, 404, 408, 413, 415, 429, 503, 504)
+READ_ERRORS = (401, 404, 503)
+
+
+def error_responses(*codes: int, protocol: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, with the error body's schema."""
+    model = ProtocolErrorBody if protocol else ErrorBody
+    return {code: {"model": model, "description": _WHY[code]} for code in codes}

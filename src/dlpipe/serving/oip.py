@@ -71,6 +71,17 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
+TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
+
+
+def _known_keys(doc: dict[str, Any], known: frozenset[str] | set[str], where: str) -> None:
+    """Unknown fields are refused by name: a misspelt `datatpye` must not pass silently."""
+    unknown = sorted(str(k)[:40] for k in doc if k not in known)
+    if unknown:
+        raise InvalidRequest(f"{where} has unknown field(s) {unknown}; known: {sorted(known)}")
+
+
 def _header_split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
@@ -91,12 +102,25 @@ def parse_request(body: bytes, header_length: str | None = None) -> InferRequest
     doc = loads(head)
     if not isinstance(doc, dict):
         raise InvalidRequest("request body must be a JSON object with 'inputs'")
+    _known_keys(doc, REQUEST_KEYS, "the request")
     specs = doc.get("inputs")
     if not isinstance(specs, list) or not specs:
         raise InvalidRequest("body needs 'inputs': a non-empty list of tensors")
-    parameters = doc.get("parameters") or {}
+    parameters = doc.get("parameters", {})
     if not isinstance(parameters, dict):
         raise InvalidRequest("'parameters' must be an object")
+    if not isinstance(parameters.get("binary_data_output", False), bool):
+        raise InvalidRequest("parameters.binary_data_output must be true or false")
+    if header_length is None and any(
+        isinstance(spec, dict)
+        and isinstance(spec.get("parameters"), dict)
+        and "binary_data_size" in spec["parameters"]
+        for spec in specs
+    ):
+        raise InvalidRequest(
+            "binary_data_size needs the binary tensor data extension: send the JSON header's "
+            "length in Inference-Header-Content-Length"
+        )
     offset = 0
     inputs: dict[str, np.ndarray] = {}
     for i, spec in enumerate(specs):
@@ -109,8 +133,10 @@ def parse_request(body: bytes, header_length: str | None = None) -> InferRequest
             f"{len(binary) - offset} bytes of binary data follow the inputs' declared sizes"
         )
     request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
+    if "id" in doc and not isinstance(request_id, str):
         raise InvalidRequest("'id' must be a string")
+    if "outputs" in doc and not isinstance(doc["outputs"], list):
+        raise InvalidRequest("'outputs' must be a list")
     return InferRequest(
         inputs=inputs,
         outputs=_outputs(doc.get("outputs")),
@@ -136,6 +162,7 @@ def _input(spec: Any, i: int, binary: bytes, offset: int) -> tuple[str, np.ndarr
     where = f"inputs[{i}]"
     if not isinstance(spec, dict):
         raise InvalidRequest(f"{where} must be an object with name, shape, datatype and data")
+    _known_keys(spec, TENSOR_KEYS, where)
     missing = [k for k in ("name", "shape", "datatype") if k not in spec]
     if missing:
         raise InvalidRequest(f"{where} lacks {missing}")
@@ -148,9 +175,10 @@ def _input(spec: Any, i: int, binary: bytes, offset: int) -> tuple[str, np.ndarr
         )
     shape = _shape(spec["shape"], where)
     count = math.prod(shape)
-    params = spec.get("parameters") or {}
+    params = spec.get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidRequest(f"{where}.parameters must be an object")
+    _known_keys(params, {"binary_data_size"}, f"{where}.parameters")
     size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -265,10 +293,16 @@ def _outputs(value: Any) -> list[RequestedOutput] | None:
     for i, spec in enumerate(value):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise InvalidRequest(f"outputs[{i}] must be an object with a 'name'")
-        params = spec.get("parameters") or {}
+        _known_keys(spec, {"name", "parameters"}, f"outputs[{i}]")
+        params = spec.get("parameters", {})
         if not isinstance(params, dict):
             raise InvalidRequest(f"outputs[{i}].parameters must be an object")
+        _known_keys(params, {"binary_data", "classification"}, f"outputs[{i}].parameters")
+        if not isinstance(params.get("binary_data", False), bool):
+            raise InvalidRequest(f"outputs[{i}].parameters.binary_data must be true or false")
         k = params.get("classification", 0)
+        if isinstance(k, float) and k.is_integer():  # JSON's 3.0 is the integer 3
+            k = int(k)
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise InvalidRequest(f"outputs[{i}].parameters.classification must be an integer >= 0")
         out.append(RequestedOutput(spec["name"], params.get("binary_data") is True, k))

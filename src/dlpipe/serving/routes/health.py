@@ -47,7 +47,19 @@ def _readiness(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/ready")
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "a version serves",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    },
+    503: {
+        "description": "not ready (loading, failing, or shutting down)",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    },
+}
+
+
+@router.get("/ready", response_class=JSONResponse, responses=READY_RESPONSES)
 async def ready(request: Request) -> JSONResponse:
     """Readiness: 200 once a model version is loaded and warmed up, 503 before."""
     return _readiness(request)
@@ -58,6 +70,6 @@ async def v2_live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready")
+@router.get("/v2/health/ready", response_class=JSONResponse, responses=READY_RESPONSES)
 async def v2_ready(request: Request) -> JSONResponse:
     return _readiness(request)

@@ -7,10 +7,26 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from dlpipe.serving.deps import error_responses
+
 router = APIRouter(tags=["metrics"])
+_TEXT = "text/plain; version=0.0.4"
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition, or the JSON snapshot with ?format=json",
+            "content": {
+                _TEXT: {"schema": {"type": "string"}},
+                "application/json": {"schema": {"type": "object"}},
+            },
+        },
+        **error_responses(400, 401),
+    },
+)
 async def metrics(
     request: Request,
     format: Literal["prometheus", "json"] = Query("prometheus"),

@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from dlpipe.serving.deps import ManagerDep
+from dlpipe.serving.deps import ManagerDep, error_responses
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=error_responses(401, 503))
 
 
 @router.get("/models")

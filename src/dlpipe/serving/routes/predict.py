@@ -12,7 +12,9 @@ from starlette.formparsers import MultiPartException
 
 from dlpipe.serving.deps import (
     AUTH_PARAMETERS,
+    INFERENCE_ERRORS,
     ROUTING_PARAMETERS,
+    error_responses,
     manager_of,
     routing_of,
 )
@@ -21,16 +23,16 @@ from dlpipe.serving.errors import InvalidRequest, UnsupportedMediaType
 from dlpipe.serving.inputs import INLINE_DECODE_PIXELS, Sample, loads
 from dlpipe.serving.served import ServedModel
 
-router = APIRouter(tags=["predict"])
+router = APIRouter(tags=["predict"], responses=error_responses(*INFERENCE_ERRORS))
 
 
 def _body_doc(field: str, many: bool) -> dict[str, Any]:
     file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
     if many:
-        file_schema = {"type": "array", "items": file_schema}
-    text_schema: dict[str, Any] = {"type": "string"}
+        file_schema = {"type": "array", "items": file_schema, "minItems": 1}
+    text_schema: dict[str, Any] = {"type": "string", "minLength": 1}
     if many:
-        text_schema = {"type": "array", "items": text_schema}
+        text_schema = {"type": "array", "items": text_schema, "minItems": 1}
     text_field = "texts" if many else "text"
     return {
         "parameters": ROUTING_PARAMETERS + AUTH_PARAMETERS,
@@ -42,6 +44,7 @@ def _body_doc(field: str, many: bool) -> dict[str, Any]:
                         "type": "object",
                         "properties": {field: file_schema},
                         "required": [field],
+                        "additionalProperties": False,
                     }
                 },
                 "application/json": {
@@ -49,6 +52,7 @@ def _body_doc(field: str, many: bool) -> dict[str, Any]:
                         "type": "object",
                         "properties": {text_field: text_schema},
                         "required": [text_field],
+                        "additionalProperties": False,
                     }
                 },
             },
@@ -72,10 +76,12 @@ async def _uploads(request: Request, field: str, max_files: int) -> list[tuple[s
     except MultiPartException as err:
         raise InvalidRequest(f"malformed multipart body: {err.message}") from None
     try:
+        names = sorted(set(form.keys()))
         files = [v for v in form.getlist(field) if isinstance(v, UploadFile)]
         if not files:
-            names = sorted(set(form.keys()))
             raise InvalidRequest(f"expected a file in field {field!r}; got fields {names}")
+        if names != [field] or len(files) != len(form.getlist(field)):
+            raise InvalidRequest(f"only file parts named {field!r} are accepted; got {names}")
         return [(f.filename or f"{field}[{i}]", await f.read()) for i, f in enumerate(files)]
     finally:
         await form.close()
@@ -96,8 +102,10 @@ async def _read_payload(
         return "image", [data for _, data in uploads], [name for name, _ in uploads]
     if content_type == "application/json":
         body = await _json_body(request)
-        if text_field not in body:
-            raise InvalidRequest(f"JSON body needs the field {text_field!r}; got {sorted(body)}")
+        if sorted(body) != [text_field]:
+            raise InvalidRequest(
+                f"JSON body takes exactly the field {text_field!r}; got {sorted(body)}"
+            )
         value = body[text_field]
         texts = value if many else [value]
         if many and (not isinstance(value, list) or not value):

@@ -15,7 +15,14 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from dlpipe import __version__
-from dlpipe.serving.deps import AUTH_PARAMETERS, ManagerDep, RoutingDep
+from dlpipe.serving.deps import (
+    AUTH_PARAMETERS,
+    INFERENCE_ERRORS,
+    READ_ERRORS,
+    ManagerDep,
+    RoutingDep,
+    error_responses,
+)
 from dlpipe.serving.dispatch import infer
 from dlpipe.serving.engine import ShapeMismatchError
 from dlpipe.serving.errors import InvalidRequest, ModelUnavailable, NotFound, ServingError
@@ -31,7 +38,22 @@ from dlpipe.serving.oip import (
 )
 from dlpipe.serving.served import ServedModel
 
-router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+router = APIRouter(
+    prefix="/v2",
+    tags=["v2 (Open Inference Protocol)"],
+    responses=error_responses(*READ_ERRORS, protocol=True),
+)
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "outputs as JSON; with binary outputs a JSON header of "
+        "Inference-Header-Content-Length bytes, then the raw tensors",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    **error_responses(*INFERENCE_ERRORS, 422, protocol=True),
+}
 OUTPUTS = ("logits", "probabilities")
 TEXT_INPUT = "text"
 
@@ -202,7 +224,11 @@ async def model_version_ready(name: str, version: str, manager: ManagerDep) -> d
     return _ready(manager, name, version)
 
 
-@router.post("/models/{name}/infer", openapi_extra={"parameters": AUTH_PARAMETERS})
+@router.post(
+    "/models/{name}/infer",
+    openapi_extra={"parameters": AUTH_PARAMETERS},
+    responses=INFER_RESPONSES,
+)
 async def infer_default(
     name: str, request: Request, manager: ManagerDep, routing: RoutingDep
 ) -> Response:
@@ -211,7 +237,9 @@ async def infer_default(
 
 
 @router.post(
-    "/models/{name}/versions/{version}/infer", openapi_extra={"parameters": AUTH_PARAMETERS}
+    "/models/{name}/versions/{version}/infer",
+    openapi_extra={"parameters": AUTH_PARAMETERS},
+    responses=INFER_RESPONSES,
 )
 async def infer_version(name: str, version: str, request: Request, manager: ManagerDep) -> Response:
     """Inference on exactly `version` (404 when it is not served)."""
