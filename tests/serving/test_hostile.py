@@ -256,10 +256,14 @@ def test_with_keys_every_route_but_the_probes_needs_one(cnn_package: Path) -> No
     assert len(checked) >= 15
 
 
-def test_failed_key_attempts_are_limited_per_address(cnn_package: Path) -> None:
+def test_failed_key_attempts_are_limited_per_address(cnn_package: Path, tmp_path: Path) -> None:
+    """Guesses beyond the limit get 429; a valid key from the same address still works (behind
+    an ingress every client may share one address: a scanner must not lock them out)."""
+    keys = tmp_path / "keys"
+    keys.write_text("right\nalso-right\n")  # a mounted Secret
     cfg = ServeSettings(
-        model_name="fashion", api_keys=["right"], auth_failure_limit="5/minute",
-        registry_refresh_s=3600, access_log=False,
+        model_name="fashion", api_keys_file=str(keys), auth_failure_limit="5/minute",
+        metrics_api_keys=["scrape"], registry_refresh_s=3600, access_log=False,
     )  # fmt: skip
     app = create_app(cfg, source=LocalSource.from_path("fashion", cnn_package))
     with ready_client(app) as client:
@@ -267,8 +271,45 @@ def test_failed_key_attempts_are_limited_per_address(cnn_package: Path) -> None:
             client.get("/models", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(8)
         ]
         assert codes[:5] == [401] * 5 and set(codes[5:]) == {429}
-        locked = client.get("/models", headers={"X-API-Key": "right"})
-        assert locked.status_code == 429 and int(locked.headers["retry-after"]) >= 1
+        assert int(client.get("/models", headers={"X-API-Key": "x"}).headers["retry-after"]) >= 1
+        assert client.get("/models", headers={"X-API-Key": "also-right"}).status_code == 200
+        # The scrape key reads /metrics and nothing else.
+        assert client.get("/metrics", headers={"Authorization": "Bearer scrape"}).status_code == 200
+        assert client.get("/models", headers={"Authorization": "Bearer scrape"}).status_code == 429
+
+
+def test_a_client_that_disconnects_is_a_499_not_a_server_error(image_client: TestClient) -> None:
+    app = image_client.app
+    collector = app.state.collector  # type: ignore[attr-defined]
+    before = (
+        collector.registry.get_sample_value("dlpipe_errors_total", {"error_type": "internal"})
+        or 0.0
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}  # gone before its body arrived
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/predict", "raw_path": b"/predict",
+        "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"100")],
+        "client": ("127.0.0.9", 5), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    image_client.portal.call(app, scope, receive, send)  # type: ignore[union-attr]
+    assert sent == []  # nobody to answer
+    value = collector.registry.get_sample_value
+    assert (
+        value(
+            "dlpipe_requests_total", {"endpoint": "/predict", "model_version": "", "status": "499"}
+        )
+        == 1
+    )
+    assert value("dlpipe_errors_total", {"error_type": "client_disconnected"}) >= 1
+    assert (value("dlpipe_errors_total", {"error_type": "internal"}) or 0.0) == before
 
 
 def test_require_auth_refuses_to_start_without_keys(capsys: pytest.CaptureFixture[str]) -> None:

@@ -120,7 +120,12 @@ def create_app(
         body_budget_bytes=settings.max_body_bytes_in_flight,
         body_timeout_s=settings.body_timeout_s,
     )
-    guard = Guard(settings.api_keys, settings.rate_limit, settings.auth_failure_limit)
+    guard = Guard(
+        settings.api_keys,
+        settings.rate_limit,
+        settings.auth_failure_limit,
+        metrics_keys=settings.metrics_api_keys,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

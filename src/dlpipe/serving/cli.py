@@ -127,6 +127,8 @@ def main(argv: list[str]) -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
+        proxy_headers=settings.forwarded_allow_ips is not None,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
     server = DrainingServer(config, app.state, settings.drain_s)
     server.run()

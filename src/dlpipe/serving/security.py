@@ -88,19 +88,36 @@ class RateLimit:
         return max(0.0, stats.reset_time - time.time())
 
 
+METRICS_PATH = "/metrics"
+
+
 class Guard:
-    """Authentication and rate limits for one request, from its headers and client address."""
+    """Authentication and rate limits for one request, from its headers and client address.
+
+    Args:
+        keys: client keys (every route).
+        rate: per-caller request budget (`limits` syntax).
+        failure_limit: failed key attempts allowed per client address; beyond it further
+            guesses get 429 while valid keys keep working (behind a proxy all clients may share
+            one address: a scanner must not lock them out).
+        metrics_keys: keys that may read /metrics and nothing else (Prometheus' scrape key).
+    """
 
     def __init__(
-        self, keys: list[str], rate: str | None = None, failure_limit: str | None = None
+        self,
+        keys: list[str],
+        rate: str | None = None,
+        failure_limit: str | None = None,
+        metrics_keys: list[str] | None = None,
     ) -> None:
         self.auth = ApiKeyAuth(keys)
+        self.metrics_auth = ApiKeyAuth(metrics_keys or [])
         self.rate_limit = RateLimit(rate)
         self.failures = RateLimit(failure_limit)
 
     @property
     def enabled(self) -> bool:
-        return self.auth.enabled
+        return self.auth.enabled or self.metrics_auth.enabled
 
     def check(
         self, path: str, authorization: str | None, x_api_key: str | None, client: str
@@ -114,25 +131,40 @@ class Guard:
         if path in OPEN_PATHS:
             return None
         caller = None
-        if self.auth.enabled:
-            if self.failures.item is not None and self.failures.exhausted(f"ip:{client}"):
-                raise RateLimited(
-                    "too many failed API key attempts from this address; retry later",
-                    retry_after_s=self.failures.reset_in(f"ip:{client}"),
-                )
+        if self.enabled:
+            address = f"ip:{client}"
             try:
-                caller = self.auth.identify(authorization, x_api_key)
+                caller = self._identify(path, authorization, x_api_key)
             except Unauthorized:
-                self.failures.hit(f"ip:{client}")
+                if self.failures.exhausted(address):
+                    raise RateLimited(
+                        "too many failed API key attempts from this address; retry later",
+                        retry_after_s=self.failures.reset_in(address),
+                    ) from None
+                self.failures.hit(address)
                 raise
         self.rate_limit.check(caller or f"ip:{client}")
         return caller
 
-    def is_authenticated(self, authorization: str | None, x_api_key: str | None) -> bool:
-        """True when auth is off or the headers carry a valid key (never raises, counts nothing)."""
+    def _identify(self, path: str, authorization: str | None, x_api_key: str | None) -> str:
+        if path == METRICS_PATH and self.metrics_auth.enabled:
+            try:
+                return f"metrics:{self.metrics_auth.identify(authorization, x_api_key)}"
+            except Unauthorized:
+                if not self.auth.enabled:
+                    raise
         if not self.auth.enabled:
+            raise Unauthorized("this route needs a client API key; none is configured")
+        caller = self.auth.identify(authorization, x_api_key)
+        assert caller is not None  # auth is enabled
+        return caller
+
+    def is_authenticated(self, authorization: str | None, x_api_key: str | None) -> bool:
+        """True when auth is off or the headers carry a valid client key (never raises, counts
+        nothing)."""
+        if not self.enabled:
             return True
         try:
-            return self.auth.identify(authorization, x_api_key) is not None
+            return self.auth.enabled and self.auth.identify(authorization, x_api_key) is not None
         except Unauthorized:
             return False

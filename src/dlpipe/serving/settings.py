@@ -62,6 +62,11 @@ class ServeSettings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Accepted API keys (comma separated in the env); empty: no authentication. With keys,
     every route needs one except /health, /ready (then a bare true/false) and /v2/health/*."""
+    api_keys_file: str | None = None
+    """File with more API keys (one per line or comma separated), e.g. a mounted Secret, so keys
+    need not sit in the environment."""
+    metrics_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Keys that may read /metrics and nothing else (Prometheus' scrape key)."""
     require_auth: bool = False
     """Refuse to start without API keys (so an empty variable or a missing Secret cannot turn
     authentication off silently)."""
@@ -105,6 +110,9 @@ class ServeSettings(BaseSettings):
     """PEM certificate (chain): serve HTTPS only (plain HTTP on the port is refused)."""
     ssl_keyfile: str | None = None
     """PEM private key of `ssl_certfile`."""
+    forwarded_allow_ips: str | None = None
+    """Proxies (comma separated IPs, or `*`) whose X-Forwarded-For names the client: behind an
+    ingress, per-address limits then see the real client, not the proxy."""
     drain_s: float = Field(0.0, ge=0.0)
     """After SIGTERM: keep serving this long while /ready says 503 (load balancers stop sending),
     then stop accepting. Kubernetes' preStop hook usually covers this (deploy/k8s)."""
@@ -123,6 +131,13 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:
+        if self.api_keys_file is not None:
+            path = Path(self.api_keys_file)
+            if not path.is_file():
+                raise ValueError(f"api_keys_file {str(path)!r} is not a readable file")
+            text = path.read_text().replace(",", "\n")
+            from_file = [k.strip() for k in text.splitlines() if k.strip()]
+            self.api_keys = [*self.api_keys, *(k for k in from_file if k not in self.api_keys)]
         if self.require_auth and not self.api_keys:
             raise ValueError(
                 "require_auth is set but no API keys are configured (DLPIPE_API_KEYS is empty "
@@ -141,7 +156,7 @@ class ServeSettings(BaseSettings):
         """Threads of the decode pool (`decode_workers`, 0 meaning min(4, CPU count))."""
         return self.decode_workers or min(4, os.cpu_count() or 1)
 
-    @field_validator("api_keys", "image_formats", mode="before")
+    @field_validator("api_keys", "metrics_api_keys", "image_formats", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
