@@ -268,7 +268,8 @@ def test_compose_env_configures_the_server_through_serve_settings(
     assert settings.model_name == "fashion_mnist_cnn"
     assert settings.tracking_uri == "http://mlflow:5000"
     assert settings.require_auth is True
-    assert settings.api_keys == ["k1", "k2", "scraper"]  # Prometheus' key is one of them
+    assert settings.api_keys == ["k1", "k2"]
+    assert settings.metrics_api_keys == ["scraper"]  # Prometheus' key reads /metrics only
     assert settings.rate_limit is None
 
 

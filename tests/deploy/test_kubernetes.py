@@ -142,7 +142,8 @@ def test_auth_is_required_and_a_missing_secret_fails_the_pod(
 ) -> None:
     settings = _settings(_pod_env(manifests, SECRETS), monkeypatch)
     assert settings.require_auth is True
-    assert settings.api_keys == ["client-1", "client-2", "m"]  # Prometheus' key among them
+    assert settings.api_keys == ["client-1", "client-2"]
+    assert settings.metrics_api_keys == ["m"]  # Prometheus' key reads /metrics only
     # A missing Secret (or key) keeps the container from starting instead of dropping auth.
     for missing in SECRETS:
         with pytest.raises(LookupError, match="CreateContainerConfigError"):
@@ -289,7 +290,7 @@ def test_prometheus_scrapes_the_pods_with_the_metrics_key_from_the_secret(
     assert secret["optional"] is False
     (item,) = secret["items"]  # the scraper's key only, never the clients' keys
     assert item["path"] == credentials.name
-    # The very Secret key the server adds to DLPIPE_API_KEYS.
+    # The very Secret key the server takes as DLPIPE_METRICS_API_KEYS.
     refs = {
         (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
         for e in _container(manifests)["env"]
