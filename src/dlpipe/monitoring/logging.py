@@ -18,6 +18,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from dlpipe.monitoring.tracing import trace_id_var
+
 request_id_var: ContextVar[str | None] = ContextVar("dlpipe_request_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
@@ -39,6 +41,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None) or request_id_var.get()
         if request_id is not None:
             entry["request_id"] = request_id
+        trace_id = trace_id_var.get()
+        if trace_id is not None:
+            entry["trace_id"] = trace_id
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and key not in entry:
                 entry[key] = value

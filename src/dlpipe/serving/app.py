@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dlpipe import __version__
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.monitoring.gpu import GpuMonitor, GpuReader
+from dlpipe.monitoring.tracing import request_tracer
 from dlpipe.routing import RoutingPlan
 from dlpipe.serving.admission import Admission, LoopLagMonitor
 from dlpipe.serving.errors import ServingError, error_body
@@ -100,6 +101,7 @@ def create_app(
     source: ModelSource | None = None,
     collector: MetricsCollector | None = None,
     gpu_reader: GpuReader | None = None,
+    tracer_provider: Any = None,
 ) -> FastAPI:
     """Build the service; models are loaded and warmed up when the lifespan starts.
 
@@ -108,6 +110,8 @@ def create_app(
         source: where models come from; built from `settings` when None.
         collector: metrics collector; a fresh one on its own registry when None.
         gpu_reader: GPU readings for the gauges (tests inject fakes); NVML when None.
+        tracer_provider: OpenTelemetry provider when `settings.tracing` (tests pass one with an
+            in-memory exporter); None: built from the `OTEL_*` environment.
     """
     settings = settings or get_settings()
     collector = collector or MetricsCollector()
@@ -166,6 +170,7 @@ def create_app(
     app.state.collector = collector
     app.state.admission = admission
     app.state.guard = guard
+    app.state.tracer = request_tracer(settings.tracing, tracer_provider)
     app.state.upload_policy = UploadPolicy(
         settings.image_formats, settings.max_image_pixels, settings.max_text_chars
     )
@@ -181,5 +186,6 @@ def create_app(
         access_log=settings.access_log,
         admission=admission,
         guard=guard,
+        tracer=app.state.tracer,
     )
     return app

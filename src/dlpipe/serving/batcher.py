@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from dlpipe.monitoring.tracing import BatchTiming
 from dlpipe.serving.admission import Arrivals, check_queue
 from dlpipe.serving.errors import BatcherClosed, DeadlineExceeded
 
@@ -44,6 +45,7 @@ class _Pending:
     future: asyncio.Future[Any]
     enqueued_at: float
     deadline: float
+    timing: BatchTiming | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +133,13 @@ class MicroBatcher(Generic[T, R]):
         self.on_batch = None
 
     # ------------------------------------------------------------------ submit
-    def submit_nowait(self, item: T, timeout_s: float) -> asyncio.Future[R]:
-        """Queue one request now and return its future (no await: routing + queueing are atomic)."""
+    def submit_nowait(
+        self, item: T, timeout_s: float, timing: BatchTiming | None = None
+    ) -> asyncio.Future[R]:
+        """Queue one request now and return its future (no await: routing + queueing are atomic).
+
+        `timing` (tracing): filled with when its batch ran and how many it held.
+        """
         if self._closing:
             raise BatcherClosed(self.name)
         loop = asyncio.get_running_loop()
@@ -141,7 +148,9 @@ class MicroBatcher(Generic[T, R]):
         expected_wait = max(0.0, self._busy_until - now) + (queued + 1) * self.per_item_s
         check_queue(self.name, queued, self.capacity, expected_wait, timeout_s, self.per_item_s)
         future: asyncio.Future[R] = loop.create_future()
-        self._pending.append(_Pending(item, future, now, now + timeout_s))
+        if timing is not None:
+            timing.queued_ns = time.time_ns()
+        self._pending.append(_Pending(item, future, now, now + timeout_s, timing))
         self._wakeup.set()
         if len(self._pending) >= self.max_batch_size:
             self._full.set()
@@ -243,12 +252,18 @@ class MicroBatcher(Generic[T, R]):
         waits = tuple(now - p.enqueued_at for p in live)
         self._busy_until = now + self.per_item_s * len(live)
         timing = [0.0]
+        traced = [p.timing for p in live if p.timing is not None]
+        started_ns = time.time_ns() if traced else 0
         try:
             outcomes = await loop.run_in_executor(
                 self._executor, self._timed, [p.item for p in live], timing
             )
         except Exception as err:  # the executor itself failed (shut down): fail them all
             outcomes = [(False, err)] * len(live)
+        if traced:
+            ended_ns = time.time_ns()
+            for t in traced:
+                t.started_ns, t.ended_ns, t.batch_size = started_ns, ended_ns, len(live)
         for p, (ok, value) in zip(live, outcomes, strict=True):
             if p.future.done():
                 continue

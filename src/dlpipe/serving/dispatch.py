@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import Request
 
+from dlpipe.monitoring.tracing import BatchTiming, now_ns
 from dlpipe.serving.admission import remaining_s
 from dlpipe.serving.errors import (
     BatcherClosed,
@@ -51,9 +53,11 @@ async def infer(
     version routing picks."""
     if not isinstance(prepared, Prepared):
         prepared = Prepared(prepared)
+    tracer = getattr(request.app.state, "tracer", None)
     for _attempt in range(3):
         state = manager.state
         served, _route = manager.route(version, request_key)
+        decode_started = now_ns() if tracer is not None else 0
         if prepared.pool is None:
             samples = prepared.make_samples(served)
         else:
@@ -64,10 +68,14 @@ async def infer(
         timeout = remaining_s(request.state, served.timeout_s)
         if timeout <= 0:
             raise DeadlineExceeded("the request deadline passed before inference started")
+        timings: list[BatchTiming | None] = [None] * len(samples)
+        if tracer is not None:
+            tracer.child("decode", decode_started, now_ns(), samples=len(samples))
+            timings = [BatchTiming() for _ in samples]
         futures: list[asyncio.Future[Any]] = []
         try:
-            for sample in samples:
-                futures.append(served.batcher.submit_nowait(sample, timeout))
+            for sample, timing in zip(samples, timings, strict=True):
+                futures.append(served.batcher.submit_nowait(sample, timeout, timing))
         except BatcherClosed:
             for f in futures:
                 f.cancel()
@@ -80,7 +88,13 @@ async def infer(
         ticket = getattr(request.state, "admission", None)
         if ticket is not None:
             ticket.queued()  # no longer on its way: a batcher may stop waiting for it
-        return served, await _gather(served, futures, timeout)
+        try:
+            return served, await _gather(served, futures, timeout)
+        finally:
+            if tracer is not None:
+                batches = {(t.started_ns, t.ended_ns): t for t in timings if t is not None}
+                for timing in batches.values():  # one pair of spans per batch it was part of
+                    tracer.batch_spans(timing, served.version)
     raise InferenceFailed("routing kept changing; try again")
 
 
@@ -108,3 +122,17 @@ async def _gather(
             f"inference failed on version {served.version}; the server log has the details "
             "under this request's id"
         ) from err
+
+
+@contextmanager
+def responding(request: Request) -> Iterator[None]:
+    """Times the block as the request's `respond` span (when tracing is on)."""
+    tracer = getattr(request.app.state, "tracer", None)
+    if tracer is None:
+        yield
+        return
+    started = now_ns()
+    try:
+        yield
+    finally:
+        tracer.child("respond", started, now_ns())

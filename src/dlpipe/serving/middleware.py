@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.monitoring.logging import request_id_var
+from dlpipe.monitoring.tracing import RequestTracer, trace_id_var
 from dlpipe.serving.admission import Admission, BodyTimeout, Ticket
 from dlpipe.serving.errors import ServingError, error_body
 from dlpipe.serving.security import Guard
@@ -49,12 +50,14 @@ class RequestContextMiddleware:
         access_log: bool,
         admission: Admission,
         guard: Guard,
+        tracer: RequestTracer | None = None,
     ) -> None:
         self.app = app
         self.collector = collector
         self.access_log = access_log
         self.admission = admission
         self.guard = guard
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,6 +87,7 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         self.collector.in_flight.inc()
         ticket: Ticket | None = None
+        traced = None if self.tracer is None else self._trace(scope, request_id)
         try:
             try:
                 ticket = self._admit(scope, headers, state)
@@ -119,7 +123,15 @@ class RequestContextMiddleware:
                 ticket.release()
             self.collector.in_flight.dec()
             self._record(scope, state, status, started)
+            if traced is not None:
+                traced.close(status, state)
             request_id_var.reset(token)
+
+    def _trace(self, scope: Scope, request_id: str) -> _TracedRequest:
+        assert self.tracer is not None
+        span = self.tracer.start_request(scope["method"], scope["path"], scope["headers"])
+        span.set_attribute("dlpipe.request_id", request_id)
+        return _TracedRequest(self.tracer, span)
 
     def _admit(
         self, scope: Scope, headers: dict[bytes, str], state: dict[str, Any]
@@ -176,3 +188,23 @@ async def _send_error(send: Send, err: ServingError | None, path: str) -> None:
         headers += [(k.lower().encode(), v.encode()) for k, v in err.headers().items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class _TracedRequest:
+    """The server span of one request, current (for child spans and log lines) until closed."""
+
+    __slots__ = ("_scope", "_span", "_token")
+
+    def __init__(self, tracer: RequestTracer, span: Any) -> None:
+        self._span = span
+        self._scope = tracer.use(span)
+        self._scope.__enter__()
+        self._token = trace_id_var.set(tracer.trace_id(span))
+
+    def close(self, status: int, state: dict[str, Any]) -> None:
+        self._span.set_attribute("http.response.status_code", status)
+        if state.get("model_version"):
+            self._span.set_attribute("model.version", str(state["model_version"]))
+        trace_id_var.reset(self._token)
+        self._scope.__exit__(None, None, None)
+        self._span.end()

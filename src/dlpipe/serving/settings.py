@@ -118,6 +118,9 @@ class ServeSettings(BaseSettings):
     then stop accepting. Kubernetes' preStop hook usually covers this (deploy/k8s)."""
     shutdown_grace_s: float = Field(20.0, gt=0.0)
     """Then: time for requests already accepted to finish before the process exits."""
+    tracing: bool = False
+    """OpenTelemetry spans per request (needs `dlpipe[otel]`); exported as the standard
+    `OTEL_*` variables say (OTLP by default)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Level of the JSON log lines on stderr."""
     access_log: bool = True

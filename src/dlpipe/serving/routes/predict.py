@@ -18,7 +18,7 @@ from dlpipe.serving.deps import (
     manager_of,
     routing_of,
 )
-from dlpipe.serving.dispatch import Prepared, infer
+from dlpipe.serving.dispatch import Prepared, infer, responding
 from dlpipe.serving.errors import InvalidRequest, UnsupportedMediaType
 from dlpipe.serving.inputs import INLINE_DECODE_PIXELS, Sample, loads
 from dlpipe.serving.served import ServedModel
@@ -163,8 +163,9 @@ async def predict(request: Request) -> JSONResponse:
     kind, payloads, names = await _read_payload(request, "file", "text", 1)
     prepared = _prepare(request, kind, payloads, names)
     served, logits = await infer(request, manager, *routing_of(request), prepared)
-    k = request.app.state.settings.top_k
-    return JSONResponse(_response(request, served, served.top_k(logits[0], k)))
+    with responding(request):
+        k = request.app.state.settings.top_k
+        return JSONResponse(_response(request, served, served.top_k(logits[0], k)))
 
 
 @router.post("/predict/batch", openapi_extra=_body_doc("files", many=True))
@@ -175,7 +176,8 @@ async def predict_batch(request: Request) -> JSONResponse:
     kind, payloads, names = await _read_payload(request, "files", "texts", limit)
     prepared = _prepare(request, kind, payloads, names)
     served, logits = await infer(request, manager, *routing_of(request), prepared)
-    k = request.app.state.settings.top_k
-    body = _response(request, served, [served.top_k(row, k) for row in logits])
-    body["inputs"] = names
-    return JSONResponse(body)
+    with responding(request):
+        k = request.app.state.settings.top_k
+        body = _response(request, served, [served.top_k(row, k) for row in logits])
+        body["inputs"] = names
+        return JSONResponse(body)

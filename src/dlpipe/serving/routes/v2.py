@@ -23,7 +23,7 @@ from dlpipe.serving.deps import (
     RoutingDep,
     error_responses,
 )
-from dlpipe.serving.dispatch import infer
+from dlpipe.serving.dispatch import infer, responding
 from dlpipe.serving.engine import ShapeMismatchError
 from dlpipe.serving.errors import InvalidRequest, ModelUnavailable, NotFound, ServingError
 from dlpipe.serving.inputs import Sample
@@ -156,9 +156,12 @@ async def _infer(
         await request.body(), request.headers.get("inference-header-content-length")
     )
     served, logits = await infer(request, manager, version, key, _samples(parsed))
-    outputs, binary = _outputs(parsed, served, np.stack(logits))
-    body, headers = encode_response(served.model_name, served.version, outputs, binary, parsed.id)
-    return Response(body, headers=headers)
+    with responding(request):
+        outputs, binary = _outputs(parsed, served, np.stack(logits))
+        body, headers = encode_response(
+            served.model_name, served.version, outputs, binary, parsed.id
+        )
+        return Response(body, headers=headers)
 
 
 @router.get("")
