@@ -27,11 +27,11 @@ from mlflow.models import Model
 from PIL import Image
 
 from dlpipe.config import PipelineConfig
+from dlpipe.serving.pyfunc import PackageModel
 from dlpipe.tracking.datasets import content_digest, log_datasets
 from dlpipe.tracking.metadata import ModelMetadata, utc_now
 from dlpipe.tracking.mlflow_model import OUTPUT_COLUMNS
 from dlpipe.tracking.package import save_model_package
-from dlpipe.serving.pyfunc import PackageModel
 from dlpipe.tracking.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
