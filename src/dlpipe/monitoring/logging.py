@@ -37,6 +37,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,  # which server process, with `dlpipe serve --workers N`
         }
         request_id = getattr(record, "request_id", None) or request_id_var.get()
         if request_id is not None:

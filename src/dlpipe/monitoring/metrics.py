@@ -6,19 +6,25 @@
 
 Metric names, labels and buckets are the contract in docs/architecture.md ("Monitoring metric
 names"); dashboards and alert rules under deploy/ query exactly these names.
+
+With several server processes (`dlpipe serve --workers N`) `PROMETHEUS_MULTIPROC_DIR` is set
+before any worker starts: every process then writes its values to files there and `render()`
+aggregates them, so counters and histograms are exact for the whole server; gauges say how they
+combine (`livesum` for in-flight and queue depth, `max` for the rest).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter as CountByKey
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -59,6 +65,11 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+GaugeMode = Literal["max", "livesum"]
+"""How a gauge combines across server processes."""
+
+
 def _check_non_negative(name: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0:
@@ -93,7 +104,14 @@ class MetricsCollector:
             raise ValueError(f"window_s must be > 0, got {window_s!r}")
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.window_s = window_s
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         r = self.registry
+
+        def gauge(
+            name: str, text: str, labels: tuple[str, ...] = (), mode: GaugeMode = "max"
+        ) -> Gauge:
+            return Gauge(name, text, labels, registry=r, multiprocess_mode=mode)
+
         request_labels = ("endpoint", "model_version", "status")
         self.request_latency = Histogram(
             "dlpipe_request_latency_seconds",
@@ -125,14 +143,14 @@ class MetricsCollector:
             buckets=BATCH_SIZE_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge(
-            "dlpipe_in_flight_requests", "Requests being handled now.", registry=r
+        self.in_flight = gauge(
+            "dlpipe_in_flight_requests", "Requests being handled now.", mode="livesum"
         )
-        self.queue_depth = Gauge(
-            "dlpipe_queue_depth", "Requests waiting in the queue.", ("model_version",), registry=r
+        self.queue_depth = gauge(
+            "dlpipe_queue_depth", "Requests waiting in the queue.", ("model_version",), "livesum"
         )
-        self.queue_capacity = Gauge(
-            "dlpipe_queue_capacity", "Queue bound.", ("model_version",), registry=r
+        self.queue_capacity = gauge(
+            "dlpipe_queue_capacity", "Queue bound.", ("model_version",), "livesum"
         )
         self.routed_requests = Counter(
             "dlpipe_routed_requests",
@@ -140,26 +158,25 @@ class MetricsCollector:
             ("model_name", "model_version", "route"),
             registry=r,
         )
-        self.gpu_utilization = Gauge(
-            "dlpipe_gpu_utilization_percent", "GPU utilization (NVML).", ("gpu",), registry=r
+        self.gpu_utilization = gauge(
+            "dlpipe_gpu_utilization_percent", "GPU utilization (NVML).", ("gpu",)
         )
-        self.gpu_memory_used = Gauge(
-            "dlpipe_gpu_memory_used_bytes", "GPU memory in use (NVML).", ("gpu",), registry=r
+        self.gpu_memory_used = gauge(
+            "dlpipe_gpu_memory_used_bytes", "GPU memory in use (NVML).", ("gpu",)
         )
-        self.gpu_memory_total = Gauge(
-            "dlpipe_gpu_memory_total_bytes", "GPU memory size (NVML).", ("gpu",), registry=r
+        self.gpu_memory_total = gauge(
+            "dlpipe_gpu_memory_total_bytes", "GPU memory size (NVML).", ("gpu",)
         )
-        self.model_info = Gauge(
+        self.model_info = gauge(
             "dlpipe_model_info",
-            "Served model versions (value 1).",
+            "Served model versions (value 1; 0 once retired when several processes serve).",
             ("model_name", "model_version", "framework", "precision"),
-            registry=r,
         )
-        self.up = Gauge("dlpipe_up", "1 while the server process runs.", registry=r)
-        self.throughput = Gauge(
+        self.up = gauge("dlpipe_up", "1 while the server process runs.")
+        self.throughput = gauge(
             "dlpipe_throughput_rps",
             "Requests per second over the recent window (dashboards: rate() on the counters).",
-            registry=r,
+            mode="livesum",
         )
         self.up.set(1)
         self._lock = threading.Lock()
@@ -167,8 +184,11 @@ class MetricsCollector:
         self._recent: deque[tuple[float, float]] = deque(maxlen=max_samples)
         self._request_count = 0
         self._external_rps: float | None = None
-        # Computed when scraped, so it is live without a timer; see `record_throughput`.
-        self.throughput.set_function(self._throughput_now)
+        if not self.multiprocess:
+            # Computed when scraped, so it is live without a timer; see `record_throughput`.
+            # (Across processes it is refreshed at most once a second by each one instead.)
+            self.throughput.set_function(self._throughput_now)
+        self._throughput_set_at = 0.0
         self._errors_by_type: CountByKey[str] = CountByKey()
         self._gpu: dict[str, dict[str, float]] = {}
         self._started = time.monotonic()
@@ -186,9 +206,13 @@ class MetricsCollector:
         labels = (endpoint, str(model_version), str(status))
         self.request_latency.labels(*labels).observe(latency_ms / 1000.0)
         self.requests.labels(*labels).inc()
+        now = time.monotonic()
         with self._lock:
-            self._recent.append((time.monotonic(), latency_ms))
+            self._recent.append((now, latency_ms))
             self._request_count += 1
+        if self.multiprocess and now - self._throughput_set_at >= 1.0:
+            self._throughput_set_at = now
+            self.throughput.set(self._throughput_now())
 
     def record_error(self, error_type: str, detail: str = "") -> None:
         """Count an error by type and log it as one structured line."""
@@ -269,6 +293,9 @@ class MetricsCollector:
         self, model_name: str, model_version: str, framework: str = "onnx", precision: str = "fp32"
     ) -> None:
         """Drop a version that is no longer served (no error when it was never set)."""
+        if self.multiprocess:  # files keep every series: 0 says "no longer served"
+            self.model_info.labels(model_name, str(model_version), framework, precision).set(0)
+            return
         with suppress(KeyError):
             self.model_info.remove(model_name, str(model_version), framework, precision)
 
@@ -329,5 +356,12 @@ class MetricsCollector:
         }
 
     def render(self) -> tuple[bytes, str]:
-        """Prometheus text exposition of every metric, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """Prometheus text exposition of every metric (of every server process), and its type."""
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        from prometheus_client import multiprocess
+
+        self.throughput.set(self._throughput_now())
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged), CONTENT_TYPE_LATEST

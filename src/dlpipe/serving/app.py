@@ -32,6 +32,7 @@ from dlpipe.serving.routes import health, metrics, models, predict, v2
 from dlpipe.serving.security import Guard
 from dlpipe.serving.settings import ServeSettings, get_settings
 from dlpipe.serving.sources import LocalSource, ModelSource, RegistrySource
+from dlpipe.serving.workers import WorkerInfo
 
 log = logging.getLogger("dlpipe.serving")
 
@@ -95,6 +96,12 @@ def _install_error_handlers(app: FastAPI, collector: MetricsCollector) -> None:
         )
 
 
+def _first_ready(worker: WorkerInfo | None) -> None:
+    freeze_startup_heap()
+    if worker is not None:
+        worker.mark_ready()
+
+
 def create_app(
     settings: ServeSettings | None = None,
     *,
@@ -102,6 +109,7 @@ def create_app(
     collector: MetricsCollector | None = None,
     gpu_reader: GpuReader | None = None,
     tracer_provider: Any = None,
+    worker: WorkerInfo | None = None,
 ) -> FastAPI:
     """Build the service; models are loaded and warmed up when the lifespan starts.
 
@@ -112,6 +120,7 @@ def create_app(
         gpu_reader: GPU readings for the gauges (tests inject fakes); NVML when None.
         tracer_provider: OpenTelemetry provider when `settings.tracing` (tests pass one with an
             in-memory exporter); None: built from the `OTEL_*` environment.
+        worker: set in a worker of `dlpipe serve --workers N` (readiness covers all of them).
     """
     settings = settings or get_settings()
     collector = collector or MetricsCollector()
@@ -147,7 +156,7 @@ def create_app(
             settings,
             collector,
             admission.arrivals,
-            on_first_ready=freeze_startup_heap,
+            on_first_ready=lambda: _first_ready(worker),
         )
         app.state.manager = manager
         manager.start()
@@ -170,6 +179,7 @@ def create_app(
     app.state.collector = collector
     app.state.admission = admission
     app.state.guard = guard
+    app.state.worker = worker
     app.state.tracer = request_tracer(settings.tracing, tracer_provider)
     app.state.upload_policy = UploadPolicy(
         settings.image_formats, settings.max_image_pixels, settings.max_text_chars

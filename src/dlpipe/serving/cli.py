@@ -98,10 +98,7 @@ def main(argv: list[str]) -> int:
         print(f"dlpipe serve: invalid setting {where}: {message}", file=sys.stderr)
         return 2
 
-    import uvicorn
-
     from dlpipe.monitoring.logging import configure_logging
-    from dlpipe.serving.app import create_app
 
     configure_logging(settings.log_level.upper())
     if not settings.api_keys and not _loopback(settings.host):
@@ -111,7 +108,29 @@ def main(argv: list[str]) -> int:
             settings.host,
             extra={"event": "no_auth_on_public_address"},
         )
-    app = create_app(settings)
+    if settings.workers > 1:
+        from dlpipe.serving.workers import run_workers
+
+        return run_workers(settings, settings.workers)
+    serve_app(settings)
+    return 0
+
+
+def serve_app(
+    settings: ServeSettings, sockets: list[Any] | None = None, worker: Any = None
+) -> None:
+    """Build the app and run it under uvicorn until a signal stops it (one process).
+
+    `sockets` and `worker`: set in a worker of `dlpipe serve --workers N`, whose supervisor
+    bound the socket and drains the whole server (so the worker itself does not wait).
+    """
+    import uvicorn
+
+    from dlpipe.monitoring.logging import configure_logging
+    from dlpipe.serving.app import create_app
+
+    configure_logging(settings.log_level.upper())
+    app = create_app(settings, worker=worker)
     use_uvloop = settings.loop == "uvloop" and importlib.util.find_spec("uvloop") is not None
     fast_http = importlib.util.find_spec("httptools") is not None
     config = uvicorn.Config(
@@ -130,9 +149,8 @@ def main(argv: list[str]) -> int:
         proxy_headers=settings.forwarded_allow_ips is not None,
         forwarded_allow_ips=settings.forwarded_allow_ips,
     )
-    server = DrainingServer(config, app.state, settings.drain_s)
-    server.run()
-    return 0
+    drain_s = 0.0 if worker is not None else settings.drain_s
+    DrainingServer(config, app.state, drain_s).run(sockets)
 
 
 class DrainingServer:
@@ -172,8 +190,8 @@ class DrainingServer:
         self._timer.daemon = True
         self._timer.start()
 
-    def run(self) -> None:
-        self.server.run()
+    def run(self, sockets: list[Any] | None = None) -> None:
+        self.server.run(sockets)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""`InferenceEngine`: one model version on ONNX Runtime, or PyTorch when the package has no ONNX.
+"""`InferenceEngine`: one model version on ONNX Runtime, or PyTorch when the package has no ONNX,
+or a TensorFlow worker process when it has only `model.keras`.
 
     engine = InferenceEngine("runs/model", device="cpu")
     logits = engine.predict_batch(np.zeros((8, 1, 28, 28), np.float32))
+    engine.close()                       # ends a TensorFlow worker; nothing to do otherwise
 
 `model_path` is a model package directory (see `dlpipe.tracking.package`) or a bare `.onnx` file.
+A Keras model never runs in this process (`dlpipe.serving.keras_engine`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.tracking.metadata import ModelMetadata
-from dlpipe.tracking.package import METADATA_FILE, ONNX_FILE, WEIGHTS_FILE
+from dlpipe.tracking.package import KERAS_FILE, METADATA_FILE, ONNX_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +73,17 @@ class InferenceEngine:
         onnx_file = path if path.is_file() else path / ONNX_FILE
         self._session: Any = None
         self._torch_net: Any = None
+        self._keras: Any = None
         if onnx_file.suffix == ".onnx" and onnx_file.is_file():
             self._load_onnx(onnx_file, intra_op_threads)
         elif path.is_dir() and (path / WEIGHTS_FILE).is_file():
             self._load_torch(path)
+        elif path.is_dir() and (path / KERAS_FILE).is_file():
+            self._load_keras(path / KERAS_FILE, intra_op_threads)
         else:
-            raise ModelLoadError(f"{path}: neither {ONNX_FILE} nor {WEIGHTS_FILE} found")
+            raise ModelLoadError(
+                f"{path}: none of {ONNX_FILE}, {WEIGHTS_FILE} or {KERAS_FILE} found"
+            )
 
     # ----------------------------------------------------------------- loading
     def _load_onnx(self, onnx_file: Path, intra_op_threads: int) -> None:
@@ -133,6 +141,28 @@ class InferenceEngine:
             self.inputs = [{"name": "input", "shape": shape, "dtype": np.float32}]
         self.output_names = ["logits"]
 
+    def _load_keras(self, keras_file: Path, intra_op_threads: int) -> None:
+        from dlpipe.serving.keras_engine import KerasWorker, KerasWorkerError
+
+        if self.device == "cuda":
+            # The worker's TensorFlow picks its devices itself; nothing here can promise CUDA.
+            raise ModelLoadError("device='cuda' is not offered for Keras models; use auto or cpu")
+        try:
+            self._keras = KerasWorker(
+                keras_file, threads=intra_op_threads, use_gpu=self.device != "cpu"
+            )
+        except KerasWorkerError as err:
+            raise ModelLoadError(f"{keras_file}: {err}") from err
+        self.framework = "tensorflow"
+        self.providers = ["tensorflow-worker"]
+        self.inputs = self._keras.inputs
+        self.output_names = ["logits"]
+
+    def close(self) -> None:
+        """Release what the engine holds outside this process (a TensorFlow worker)."""
+        if self._keras is not None:
+            self._keras.close()
+
     # --------------------------------------------------------------- inference
     def _as_feed(self, batch: Batch) -> dict[str, np.ndarray]:
         if isinstance(batch, np.ndarray):
@@ -168,6 +198,8 @@ class InferenceEngine:
     def predict_batch(self, input_batch: Batch) -> np.ndarray:
         """Logits `[N, K]` for a batch (an array, or a dict of arrays for text models)."""
         feed = self._as_feed(input_batch)
+        if self._keras is not None:
+            return self._predict_keras(feed)
         if self._session is None:
             return self._predict_torch(feed)
         fixed = self.inputs[0]["shape"][0]
@@ -191,6 +223,15 @@ class InferenceEngine:
         with torch.inference_mode():
             out = self._torch_net(*tensors)
         return np.asarray(out.float().cpu().numpy())
+
+    def _predict_keras(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        from dlpipe.serving.keras_engine import KerasInputError
+
+        try:
+            logits: np.ndarray = self._keras.predict(feed)
+        except KerasInputError as err:  # the model refused the input: the client's error (400)
+            raise ShapeMismatchError(str(err)) from err
+        return logits
 
     def predict(self, input_data: Batch) -> np.ndarray:
         """Logits `[K]` for one sample (no batch dimension)."""

@@ -1,7 +1,12 @@
-"""One served model version: its engine, its preprocessing and its own micro-batcher."""
+"""One served model version: its engine, its preprocessing and its own micro-batcher.
+
+Closing the batcher (what the manager does when it retires a version or stops) also closes the
+engine, once the queued requests have run: a TensorFlow worker process ends with its version.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Hashable
@@ -29,6 +34,18 @@ def _read_preprocessing(path: Path, engine: InferenceEngine) -> PreprocessingCon
     if engine.metadata is not None:
         return engine.metadata.preprocessing_config
     raise ModelLoadError(f"{path}: no {PREPROCESSING_FILE} and no metadata to preprocess with")
+
+
+class VersionBatcher(MicroBatcher[Sample, np.ndarray]):
+    """A version's micro-batcher; `close()` drains it, then closes the version's engine."""
+
+    engine: InferenceEngine | None = None
+
+    async def close(self) -> None:
+        await super().close()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.close)  # waits for a worker process to exit
 
 
 def sample_signature(sample: Sample) -> Hashable:
@@ -61,7 +78,7 @@ class ServedModel:
         )
         self.collector = collector
         self.timeout_s = settings.request_timeout_ms / 1000.0
-        self.batcher: MicroBatcher[Sample, np.ndarray] = MicroBatcher(
+        self.batcher: MicroBatcher[Sample, np.ndarray] = VersionBatcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0,
@@ -71,6 +88,7 @@ class ServedModel:
             arrivals=arrivals,
             signature=sample_signature,
         )
+        self.batcher.engine = engine
         info = engine.get_model_info()
         self.framework = str(info["framework"])
         self.precision = str(info["precision"])
@@ -91,22 +109,26 @@ class ServedModel:
         engine = InferenceEngine(
             path, settings.device, intra_op_threads=settings.ort_intra_op_threads
         )
-        preprocessing = _read_preprocessing(path, engine)
-        tokenizer = (path if path.is_dir() else path.parent) / TOKENIZER_FILE
-        served = cls(
-            model_name,
-            version,
-            engine,
-            preprocessing,
-            settings,
-            collector,
-            arrivals,
-            tokenizer_file=tokenizer if tokenizer.is_file() else None,
-        )
-        if settings.warmup:
-            sizes = sorted({1, min(8, settings.max_batch_size), settings.max_batch_size})
-            engine.warmup(tuple(sizes))
-            served.warm_decoder()
+        try:
+            preprocessing = _read_preprocessing(path, engine)
+            tokenizer = (path if path.is_dir() else path.parent) / TOKENIZER_FILE
+            served = cls(
+                model_name,
+                version,
+                engine,
+                preprocessing,
+                settings,
+                collector,
+                arrivals,
+                tokenizer_file=tokenizer if tokenizer.is_file() else None,
+            )
+            if settings.warmup:
+                sizes = sorted({1, min(8, settings.max_batch_size), settings.max_batch_size})
+                engine.warmup(tuple(sizes))
+                served.warm_decoder()
+        except BaseException:
+            engine.close()  # a version that never serves must not leave a worker behind
+            raise
         return served
 
     def warm_decoder(self) -> None:

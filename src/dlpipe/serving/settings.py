@@ -48,6 +48,9 @@ class ServeSettings(BaseSettings):
     """Requests waiting per served version; beyond it the server answers 503."""
     max_in_flight: int = Field(256, ge=1)
     """Inference requests handled at once; beyond it 503 at once (the CPU is the queue)."""
+    workers: int = Field(1, ge=1, le=256)
+    """Server processes on one port, each with its own batcher and ONNX Runtime session (the
+    CPU threads divided among them); metrics and readiness cover the whole server."""
     loop: Literal["asyncio", "uvloop"] = "asyncio"
     """Event loop. asyncio by default: under overload uvloop (libuv) left new connections
     unaccepted for seconds while it served open ones (docs/benchmarks.md, overload), and it

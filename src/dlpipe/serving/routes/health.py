@@ -25,8 +25,12 @@ def _readiness(request: Request) -> JSONResponse:
     """
     app = request.app
     manager = getattr(app.state, "manager", None)
-    draining = bool(getattr(app.state, "draining", False))
+    worker = app.state.worker  # one of several server processes: all of them must serve
+    draining = bool(getattr(app.state, "draining", False)) or (
+        worker is not None and worker.draining()
+    )
     ready = manager is not None and manager.ready and not draining
+    ready = ready and (worker is None or worker.server_ready())
     body: dict[str, Any] = {"ready": ready}
     headers = request.headers
     if manager is not None and app.state.guard.is_authenticated(
