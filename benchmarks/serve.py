@@ -35,6 +35,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 BASELINE_SRC: str | None = None
+WORKERS: list[int] = [1, 2]
+"""`--workers 1,2,...`: server process counts of the `workers` scenario."""
 """`--baseline-src`: measure our server again with this source tree first on PYTHONPATH."""
 
 
@@ -347,6 +349,53 @@ def scenario_cnn(work: Path, duration: float) -> list[dict[str, Any]]:
     return rows
 
 
+def scenario_workers(work: Path, duration: float) -> list[dict[str, Any]]:
+    """Fashion-MNIST CNN, 32 clients, for each `--workers` count: requests/s, and the server's
+    own request count (summed over its processes) against the load generator's."""
+    pkg = _cnn_package(work)
+    files = []
+    for seed in range(8):
+        (work / f"cnn{seed}.png").write_bytes(_png(seed))
+        files.append(work / f"cnn{seed}.png")
+    print(
+        f"\n== Server processes (--workers), Fashion-MNIST CNN, 32 clients, {os.cpu_count()} cores"
+    )
+    rows = []
+    for n in WORKERS:
+        env = {"DLPIPE_MAX_BATCH_SIZE": "32", "DLPIPE_MAX_WAIT_MS": "2", "DLPIPE_WORKERS": str(n)}
+        server = Server("dlpipe", ["--package", str(pkg)], env, work / f"workers-{n}.log")
+        try:
+            load(server.url, files, 32, 2.0)  # warm-up, not measured
+            before = _requests_counted(server)
+            result = load(server.url, files, 32, duration, "--warmup", "0")
+            counted = _requests_counted(server) - before
+        finally:
+            server.stop()
+        print(
+            _row(
+                f"{n} worker(s)", result, f"  server counted {counted:.0f} of {result['requests']}"
+            )
+        )
+        row = {"scenario": "workers", "workers": n, "ours": result, "server_counted": counted}
+        print(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
+def _requests_counted(server: Server) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        # Requests shed at the door (before routing) are recorded as "unmatched".
+        if s.name == "dlpipe_requests_total"
+        and s.labels.get("endpoint") in ("/predict", "unmatched")
+    )
+
+
 def _batch_endpoint(
     pkg: Path, files: list[Path], duration: float, work: Path, env: dict[str, str]
 ) -> dict[str, Any]:
@@ -516,13 +565,17 @@ async def _switch_under_load(
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description="dlpipe serving benchmark")
-    p.add_argument("--scenario", action="append", choices=["cnn", "resnet", "overload", "rollback"])
+    p.add_argument(
+        "--scenario", action="append", choices=["cnn", "resnet", "overload", "rollback", "workers"]
+    )
+    p.add_argument("--workers", default="1,2", help="server process counts for `workers`")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     p.add_argument("--workdir", default=os.environ.get("DLPIPE_BENCH_DIR", "/tmp/dlpipe-bench"))
     p.add_argument("--baseline-src", help="also measure the server from this src/ (before/after)")
     args = p.parse_args(argv)
-    global BASELINE_SRC
+    global BASELINE_SRC, WORKERS
     BASELINE_SRC = args.baseline_src
+    WORKERS = [int(n) for n in args.workers.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -533,6 +586,7 @@ def main(argv: list[str]) -> int:
         "resnet": scenario_resnet,
         "overload": scenario_overload,
         "rollback": scenario_rollback,
+        "workers": scenario_workers,
     }
     for name in scenarios:
         runners[name](work, args.duration)
