@@ -21,10 +21,12 @@ from fastapi import Request
 
 from dlpipe.monitoring.tracing import BatchTiming, now_ns
 from dlpipe.serving.admission import remaining_s
+from dlpipe.serving.engine import is_out_of_memory
 from dlpipe.serving.errors import (
     BatcherClosed,
     DeadlineExceeded,
     InferenceFailed,
+    ResourceExhausted,
     ServingError,
 )
 from dlpipe.serving.inputs import Sample
@@ -116,6 +118,13 @@ async def _gather(
             f.cancel()
         raise
     except Exception as err:
+        if is_out_of_memory(err):
+            # The batcher already split its batch down to this input, which does not fit even
+            # alone: a resource problem, maybe passing (other requests hold memory), not a bug.
+            raise ResourceExhausted(
+                f"version {served.version} ran out of memory for this input; retry later",
+                retry_after_s=1.0,
+            ) from err
         # The model's own message (ONNX Runtime, numpy) stays in the log: it names internals.
         log.error("inference failed on version %s", served.version, exc_info=err)
         raise InferenceFailed(

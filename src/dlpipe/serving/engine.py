@@ -38,6 +38,47 @@ class ShapeMismatchError(ValueError):
     """An input whose shape or dtype the model cannot take (served as HTTP 400)."""
 
 
+_OOM_MARKERS = (
+    "out of memory",
+    "failed to allocate memory",
+    "cudaerrormemoryallocation",
+    "cublas_status_alloc_failed",
+    "bad_alloc",
+)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device (or host) allocation failure, as ONNX Runtime, CUDA or torch report it."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err).lower()
+    return any(marker in text for marker in _OOM_MARKERS)
+
+
+GPU_MEMORY_FACTOR = 3.0
+"""A model on the GPU needs about this many times its file size (weights, activations, the
+execution provider's workspace) before its first batch."""
+
+
+def check_gpu_headroom(model_bytes: int, readings: Any, headroom_mb: float) -> None:
+    """Refuse a load that would leave less than `headroom_mb` of GPU 0's memory free.
+
+    Raises:
+        ModelLoadError: naming what the model needs and what is free.
+    """
+    if not readings:
+        return
+    gpu = readings[0]
+    free = gpu.memory_total_bytes - gpu.memory_used_bytes
+    need = model_bytes * GPU_MEMORY_FACTOR + headroom_mb * 1e6
+    if free < need:
+        raise ModelLoadError(
+            f"would not fit on GPU {gpu.gpu}: needs about {need / 1e6:.0f} MB "
+            f"({GPU_MEMORY_FACTOR:g} x the model plus {headroom_mb:g} MB headroom), "
+            f"{free / 1e6:.0f} MB free"
+        )
+
+
 class ModelLoadError(RuntimeError):
     """The package could not be turned into a runnable model."""
 
@@ -59,9 +100,16 @@ class InferenceEngine:
     """Run one model version; thread-safe for one caller at a time (the batcher's thread)."""
 
     def __init__(
-        self, model_path: str | Path, device: str = "auto", *, intra_op_threads: int = 0
+        self,
+        model_path: str | Path,
+        device: str = "auto",
+        *,
+        intra_op_threads: int = 0,
+        gpu_headroom_mb: float | None = None,
     ) -> None:
+        """`gpu_headroom_mb`: refuse to load onto a GPU that would then have less free memory."""
         path = Path(model_path)
+        self.gpu_headroom_mb = gpu_headroom_mb
         if not path.exists():
             raise ModelLoadError(f"model path not found: {path}")
         self.path = path
@@ -96,9 +144,12 @@ class InferenceEngine:
             opts.intra_op_num_threads = intra_op_threads
         # Spinning threads would steal the CPU the event loop needs between batches.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = _providers_for(self.device)
+        if self.gpu_headroom_mb is not None and providers[0] != "CPUExecutionProvider":
+            self._check_gpu_memory(onnx_file)
         try:
             self._session = ort.InferenceSession(
-                str(onnx_file), sess_options=opts, providers=_providers_for(self.device)
+                str(onnx_file), sess_options=opts, providers=providers
             )
         except Exception as err:  # ORT raises several unrelated types for a bad graph
             raise ModelLoadError(f"{onnx_file}: ONNX Runtime could not load it: {err}") from err
@@ -109,6 +160,22 @@ class InferenceEngine:
             for i in self._session.get_inputs()
         ]
         self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def _check_gpu_memory(self, onnx_file: Path) -> None:
+        from dlpipe.monitoring.gpu import NvmlReader
+
+        try:
+            reader = NvmlReader()
+        except RuntimeError as err:  # no NVML: nothing to check against
+            log.warning("GPU memory not checked before loading %s: %s", onnx_file, err)
+            return
+        try:
+            size = onnx_file.stat().st_size
+            data = onnx_file.with_name(onnx_file.name + ".data")
+            size += data.stat().st_size if data.exists() else 0
+            check_gpu_headroom(size, reader(), self.gpu_headroom_mb or 0.0)
+        finally:
+            reader.close()
 
     def _load_torch(self, package_dir: Path) -> None:
         import torch

@@ -84,6 +84,13 @@ class Overloaded(ServingError):
     error_type = "overloaded"
 
 
+class ResourceExhausted(ServingError):
+    """The device ran out of memory for this one input, even alone (its batch was split first)."""
+
+    status_code = 503
+    error_type = "resource_exhausted"
+
+
 class DeadlineExceeded(ServingError):
     status_code = 504
     error_type = "timeout"

@@ -107,7 +107,10 @@ class ServedModel:
         """Build the engine and warm it up (blocking; run it off the event loop)."""
         path = Path(path)
         engine = InferenceEngine(
-            path, settings.device, intra_op_threads=settings.ort_intra_op_threads
+            path,
+            settings.device,
+            intra_op_threads=settings.ort_intra_op_threads,
+            gpu_headroom_mb=settings.gpu_memory_headroom_mb,
         )
         try:
             preprocessing = _read_preprocessing(path, engine)

@@ -105,6 +105,9 @@ class ServeSettings(BaseSettings):
     """How often the server polls the registry for promotions, A/B changes and rollbacks."""
     ort_intra_op_threads: int = Field(0, ge=0)
     """ONNX Runtime intra-op threads per session; 0: ONNX Runtime's default."""
+    gpu_memory_headroom_mb: float = Field(512.0, ge=0.0)
+    """GPU memory a model load must leave free (NVML); a version that would not fit is refused,
+    reported and retried, while the loaded ones keep serving."""
     warmup: bool = True
     """Run dummy batches before a version takes traffic (no slow first requests)."""
     gpu_poll_interval_s: float = Field(5.0, gt=0.0)
