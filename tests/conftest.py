@@ -12,6 +12,7 @@ import pytest
 
 # The load generator is benchmark tooling (benchmarks/loadgen.py); tests drive servers with it too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared test helpers (tls_helpers)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -8,8 +8,6 @@ server unhealthy and have it restarted forever.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -25,6 +23,7 @@ import yaml
 from deploy_helpers import DEPLOY, failing_package, stop
 
 from dlpipe.evaluation import free_port
+from tls_helpers import self_signed_certificate
 
 
 def _dockerfile_check(name: str) -> str:
@@ -50,44 +49,6 @@ CHECKS = {
     "Dockerfile.cuda": _dockerfile_check("Dockerfile.cuda"),
     "docker-compose.yml": _compose_check(),
 }
-
-
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, made here (no network, no CA)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dlpipe.example.com")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("dlpipe.example.com"), x509.IPAddress(ipaddress.ip_address("::1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +103,9 @@ def test_health_checks_pass_over_http_and_over_https(
     with _server(package, {}, tmp_path / "http.log") as port:
         _until_healthy(code, port, {}, tmp_path / "http.log")
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(
+        tmp_path, "dlpipe.example.com", ("dlpipe.example.com", "::1")
+    )
     tls = {"DLPIPE_SSL_CERTFILE": str(cert), "DLPIPE_SSL_KEYFILE": str(key)}
     with _server(package, tls, tmp_path / "https.log") as port:
         _until_healthy(code, port, tls, tmp_path / "https.log")
