@@ -188,19 +188,17 @@ def test_every_request_leaves_the_arrivals_count(cnn_package: Path) -> None:
         assert client.get("/health").status_code == 200 and arrivals.count == 0
 
 
-def test_serve_uses_the_asyncio_loop_unless_told(
-    clean_env: pytest.MonkeyPatch, cnn_package: Path
-) -> None:
-    import uvicorn
+def test_serve_uses_the_asyncio_loop_unless_told(clean_env: pytest.MonkeyPatch) -> None:
+    from dlpipe.serving.cli import settings_from_args, uvicorn_config
 
-    from dlpipe.serving.cli import main as serve_main
-
-    calls: list[dict[str, Any]] = []
-    clean_env.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
-    assert serve_main(["--package", str(cnn_package)]) == 0
-    clean_env.setenv("DLPIPE_LOOP", "uvloop")
-    assert serve_main(["--package", str(cnn_package)]) == 0
-    assert [c["loop"] for c in calls] == ["asyncio", "uvloop"]
+    loops = []
+    for env in ({}, {"DLPIPE_LOOP": "uvloop"}):
+        with clean_env.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            settings = settings_from_args(["--package", "p"])
+            loops.append(uvicorn_config(settings, app=None).loop)
+    assert loops == ["asyncio", "uvloop"]
 
 
 async def _tiny_server(delay_s: float, status: int) -> asyncio.Server:

@@ -124,16 +124,24 @@ def serve_app(
     `sockets` and `worker`: set in a worker of `dlpipe serve --workers N`, whose supervisor
     bound the socket and drains the whole server (so the worker itself does not wait).
     """
-    import uvicorn
 
     from dlpipe.monitoring.logging import configure_logging
     from dlpipe.serving.app import create_app
 
     configure_logging(settings.log_level.upper())
     app = create_app(settings, worker=worker)
+    config = uvicorn_config(settings, app)
+    drain_s = 0.0 if worker is not None else settings.drain_s
+    DrainingServer(config, app.state, drain_s).run(sockets)
+
+
+def uvicorn_config(settings: ServeSettings, app: Any) -> Any:
+    """uvicorn's configuration for `app` under `settings`."""
+    import uvicorn
+
     use_uvloop = settings.loop == "uvloop" and importlib.util.find_spec("uvloop") is not None
     fast_http = importlib.util.find_spec("httptools") is not None
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -149,8 +157,6 @@ def serve_app(
         proxy_headers=settings.forwarded_allow_ips is not None,
         forwarded_allow_ips=settings.forwarded_allow_ips,
     )
-    drain_s = 0.0 if worker is not None else settings.drain_s
-    DrainingServer(config, app.state, drain_s).run(sockets)
 
 
 class DrainingServer:
