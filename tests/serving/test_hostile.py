@@ -501,3 +501,35 @@ def test_slow_and_huge_uploads_keep_memory_bounded(cnn_package: Path, tmp_path: 
     assert 503 in fast and set(fast) <= {400, 503}  # admitted ones are junk images: 400
     assert peak - idle < budget / 2**20
     assert health_worst < 1.0
+
+
+def test_a_hostile_weights_file_in_a_package_is_never_unpickled(
+    cnn_package: Path, tmp_path: Path
+) -> None:
+    """A package without ONNX is served through its PyTorch weights (weights_only loads): a
+    planted `weights.pt` that runs code on unpickling fails the load and runs nothing."""
+    import os
+    import shlex
+
+    import torch
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (f"touch {shlex.quote(str(marker))}",))
+
+    package = tmp_path / "hostile"
+    shutil.copytree(cnn_package, package)
+    (package / "model.onnx").unlink()
+    torch.save({"features.0.weight": Payload()}, package / "weights.pt")
+    torch.load(package / "weights.pt", weights_only=False)  # the payload is live ...
+    assert marker.exists()
+    marker.unlink()  # ... and must not run again below
+    app = create_app(ServeSettings(package=str(package), access_log=False))
+    with TestClient(app):
+        deadline = time.monotonic() + 60
+        while not app.state.manager.failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.state.manager.failures["1"].reason.startswith("load failed")
+    assert not marker.exists()
