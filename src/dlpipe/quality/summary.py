@@ -1,0 +1,92 @@
+"""Compact summaries of model inputs: the statistics drift is measured on.
+
+One definition serves both sides: the reference profile applies `image_statistics` /
+`text_statistics` to a batch of training inputs, the server applies `summarize` to each served
+input, and the two agree value for value (tested), so a difference in their distributions is
+a difference in the data, not in the arithmetic.
+
+Images are summarized as the model sees them (after `DataPreprocessor`: resized, normalized),
+plus the uploaded size: an inverted, darker or differently-sized image moves one of them.
+
+    mean_intensity  mean of the model input (normalized pixel values)
+    contrast        standard deviation of the model input
+    pixels          width x height of the image as uploaded (before resizing)
+
+Texts:
+
+    tokens          tokens the model attends to (the attention mask's sum; capped by truncation)
+    vocab_coverage  share of those tokens whose id occurs in the training texts (needs the
+                    profile's vocabulary; special tokens count, as they do on both sides)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+IMAGE_STATISTICS = ("mean_intensity", "contrast", "pixels")
+TEXT_STATISTICS = ("tokens", "vocab_coverage")
+_COUNTS = frozenset({"pixels", "tokens"})
+CLASS_STATISTIC = "predicted_class"
+"""The drift statistic of the predicted class distribution (categorical)."""
+
+
+def image_statistics(batch: np.ndarray, pixels: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+    """Statistics of N preprocessed images (float32 N x C x H x W) and their uploaded sizes."""
+    flat = np.asarray(batch).reshape(len(batch), -1)
+    return {
+        # float64 accumulation: the per-sample path below must give the same numbers.
+        "mean_intensity": flat.mean(axis=1, dtype=np.float64),
+        "contrast": flat.std(axis=1, dtype=np.float64),
+        "pixels": np.asarray(pixels, dtype=np.float64),
+    }
+
+
+def coverage_table(vocabulary: list[int] | np.ndarray, size: int | None = None) -> np.ndarray:
+    """A boolean lookup table: `table[token_id]` is True for ids in `vocabulary`."""
+    ids = np.asarray(vocabulary, dtype=np.int64)
+    table = np.zeros(max(int(size or 0), int(ids.max(initial=-1)) + 1, 1), dtype=bool)
+    table[ids] = True
+    return table
+
+
+def _coverage(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Per-token membership; ids beyond the table were never seen in training."""
+    inside = ids < len(table)
+    hit = np.zeros(ids.shape, dtype=bool)
+    hit[inside] = table[ids[inside]]
+    return hit
+
+
+def text_statistics(
+    input_ids: np.ndarray, attention_mask: np.ndarray, table: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """Statistics of N tokenized texts (int64 N x L); coverage only with a vocabulary table."""
+    mask = np.asarray(attention_mask).astype(bool)
+    tokens = mask.sum(axis=1)
+    out = {"tokens": tokens.astype(np.float64)}
+    if table is not None:
+        hits = _coverage(np.asarray(input_ids), table) & mask
+        out["vocab_coverage"] = hits.sum(axis=1) / np.maximum(tokens, 1)
+    return out
+
+
+def summarize(sample: Any, pixels: int | None, table: np.ndarray | None) -> dict[str, float]:
+    """The statistics of one served model input (an image array or a dict of token arrays).
+
+    `pixels`: the uploaded image's width x height (None: the tensor's own H x W, as for a
+    tensor sent to /v2). Rounded: these go into every log line.
+    """
+    if isinstance(sample, dict):
+        ids = np.asarray(sample["input_ids"])[None]
+        mask = np.asarray(sample["attention_mask"])[None]
+        stats = text_statistics(ids, mask, table)
+    else:
+        array = np.asarray(sample)
+        size = pixels if pixels is not None else int(array.shape[-1] * array.shape[-2])
+        stats = image_statistics(array[None], [size])
+    return {
+        name: int(values[0]) if name in _COUNTS else round(float(values[0]), 5)
+        for name, values in stats.items()
+    }
