@@ -7,8 +7,9 @@ The inputs follow the same contract as the PyTorch models (docs/architecture.md)
 channels-first, exactly as `DataPreprocessor.normalize` and serving produce them, and are turned
 to channels-last inside the model (TensorFlow's CPU convolutions want NHWC); text takes int64
 `input_ids` and `attention_mask`. The output is named `logits` and stays float32 under mixed
-precision. Importing this module imports keras: only TensorFlow processes may do that, never
-one that has torch loaded (`import tensorflow` then `import torchvision` crashes).
+precision. The builders import keras: only TensorFlow processes may call them, never one that
+has torch loaded (`import tensorflow` then `import torchvision` crashes). The module itself
+imports no framework, so `KERAS_FILE` is importable anywhere (the package code uses it).
 """
 
 from __future__ import annotations

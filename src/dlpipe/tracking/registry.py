@@ -25,7 +25,6 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from dlpipe.models.keras import KERAS_FILE
 from dlpipe.routing import ABTestConfig, ab_config_to_dict
 from dlpipe.tracking.audit import audit_entry
 from dlpipe.tracking.context import MLFLOW_PARENT_RUN_ID, context_tags
@@ -70,10 +69,8 @@ class ModelRegistry(RegistryReader):
         package = Path(model_path)
         if not package.is_dir():
             raise RegistryError(f"model package {package} is not a directory")
-        # A Keras package (framework tensorflow) holds model.keras; it belongs in MODEL_FILES.
-        model_files = (*MODEL_FILES, KERAS_FILE)
-        if not any((package / f).is_file() for f in model_files):
-            raise RegistryError(f"model package {package} has none of {model_files}")
+        if not any((package / f).is_file() for f in MODEL_FILES):
+            raise RegistryError(f"model package {package} has none of {MODEL_FILES}")
         name = check_name(meta.model_name)
         if meta.parent_version not in (None, ""):
             self._version(name, str(meta.parent_version), what="parent_version")

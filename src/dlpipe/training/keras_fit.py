@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -33,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.config import PipelineConfig, save_config
+from dlpipe.config import PipelineConfig
 from dlpipe.models.keras import KERAS_FILE
 from dlpipe.tracking.experiment import ExperimentTracker
 from dlpipe.tracking.metadata import ModelMetadata, utc_now
-from dlpipe.tracking.package import CONFIG_FILE, METADATA_FILE, PREPROCESSING_FILE
+from dlpipe.tracking.package import PREPROCESSING_FILE, save_model_package
 from dlpipe.training.keras_checkpoint import read_state, resolve_keras_checkpoint
 from dlpipe.training.keras_worker import (
     DATA_FILE,
@@ -265,7 +264,7 @@ def _train_tracked(
             model_name=model_name,
             framework="tensorflow",
             precision="fp32",  # mixed precision computes in bf16 but keeps float32 weights
-            model_size_mb=round((job_dir / MODEL_FILE).stat().st_size / 1e6, 4),
+            model_size_mb=0.0,  # filled from model.keras by save_model_package
             training_date=utc_now(),
             accuracy_metrics=test_metrics,
             preprocessing_config=preprocessing,
@@ -301,19 +300,11 @@ def save_keras_package(
     datamodule: Any = None,
 ) -> Path:
     """A model package with `model.keras` in place of weights.pt (see docs/architecture.md)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, directory / CONFIG_FILE)
-    (directory / PREPROCESSING_FILE).write_text(
-        metadata.preprocessing_config.model_dump_json(indent=2)
+    pre = getattr(datamodule, "preprocessor", None)
+    tokenizer = getattr(pre, "tokenizer_file", None)  # the tokenizer the splits were encoded with
+    return save_model_package(
+        directory, cfg, metadata, keras_path=keras_file, tokenizer_file=tokenizer
     )
-    if cfg.preprocessing.task_type == "text_classification":
-        from dlpipe.data.preprocessing import TOKENIZER_FILE, DataPreprocessor
-
-        pre = getattr(datamodule, "preprocessor", None) or DataPreprocessor(cfg.preprocessing)
-        pre.save_tokenizer(directory / TOKENIZER_FILE)
-    shutil.copyfile(keras_file, directory / KERAS_FILE)
-    (directory / METADATA_FILE).write_text(metadata.to_json())
-    return directory
 
 
 def _log_artifacts(
