@@ -10,16 +10,27 @@ TensorFlow dominates) and exchanges arrays through `.npz` files. `import tensorf
 `import torchvision` crashes a process, so TensorFlow work never happens in the caller. Models
 trained under mixed precision run and export in float32 (ONNX Runtime's CPU kernels have
 little bfloat16 support); their weights are float32 anyway.
+
+MODEL may also be a SavedModel directory (its `serving_default` signature, one output): what
+`dlpipe import` converts. `python -m dlpipe.models.keras_runner serve MODEL.keras` is the
+long-lived variant the server uses (`dlpipe.serving.keras_engine`): frames of arrays on
+stdin/stdout (`encode_frame`, `read_frame`), one reply per request, until stdin closes.
+
+Exported graphs and the serve worker name their inputs as serving feeds them (`input` for a
+one-input model, whatever Keras called it; `input_ids` and `attention_mask` in that order for
+text), so an imported Keras model fits the same contract as a catalogue one.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +129,52 @@ def keras_to_onnx(
         return [b["logits"] for b in _load_batches(dst)] if parity_inputs else []
 
 
+# -- frames: arrays over a pipe (both sides; numpy only) -----------------------------------
+
+_COUNT = struct.Struct("<I")  # arrays in a frame
+_NAME = struct.Struct("<I")  # bytes of one array's name
+_SIZE = struct.Struct("<Q")  # bytes of one array's np.save payload
+MAX_FRAME_ARRAYS = 64
+
+
+def encode_frame(arrays: dict[str, np.ndarray]) -> bytes:
+    """Named arrays as one frame: count, then per array its name and its `np.save` bytes, each
+    length-prefixed (no pickles: `allow_pickle=False` on both sides)."""
+    parts = [_COUNT.pack(len(arrays))]
+    for name, value in arrays.items():
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(value), allow_pickle=False)
+        payload, label = buf.getvalue(), name.encode()
+        parts += [_NAME.pack(len(label)), label, _SIZE.pack(len(payload)), payload]
+    return b"".join(parts)
+
+
+def read_frame(read_exact: Callable[[int], bytes]) -> dict[str, np.ndarray]:
+    """One frame from `read_exact(n)` (which returns exactly n bytes or raises EOFError)."""
+    (count,) = _COUNT.unpack(read_exact(_COUNT.size))
+    if count > MAX_FRAME_ARRAYS:
+        raise ValueError(f"frame claims {count} arrays; the protocol is out of step")
+    out: dict[str, np.ndarray] = {}
+    for _ in range(count):
+        (name_len,) = _NAME.unpack(read_exact(_NAME.size))
+        name = read_exact(name_len).decode()
+        (size,) = _SIZE.unpack(read_exact(_SIZE.size))
+        out[name] = np.load(io.BytesIO(read_exact(size)), allow_pickle=False)
+    return out
+
+
+def stream_reader(stream: Any) -> Callable[[int], bytes]:
+    """`read_exact` over a blocking binary stream (EOFError when it ends early)."""
+
+    def read_exact(n: int) -> bytes:
+        data = stream.read(n)
+        if len(data) != n:
+            raise EOFError(f"stream ended after {len(data)} of {n} bytes")
+        return bytes(data)
+
+    return read_exact
+
+
 # -- the TensorFlow side -------------------------------------------------------------------
 
 
@@ -141,22 +198,79 @@ def _load(path: str) -> Any:
     return _float32_model(keras.models.load_model(path, compile=False))
 
 
-def _feed(model: Any, batch: dict[str, np.ndarray]) -> Any:
-    names = [t.name for t in model.inputs]
-    if set(batch) == {""}:
-        return batch[""]
-    missing = [n for n in names if n not in batch]
-    if missing:
-        raise ValueError(f"inputs lack {missing}; the model takes {names}")
-    arrays = [batch[n] for n in names]
-    return arrays[0] if len(arrays) == 1 else arrays
+def serving_names(own: list[str]) -> tuple[list[str], list[str]]:
+    """(a model's own input names in the order served graphs take them, the names serving uses
+    for them): one input becomes `input`; text inputs go in input_ids, attention_mask order."""
+    if len(own) == 1:
+        return list(own), ["input"]
+    if set(own) == {"input_ids", "attention_mask"}:
+        return ["input_ids", "attention_mask"], ["input_ids", "attention_mask"]
+    return list(own), list(own)
 
 
-def _predict_all(model: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {
-        f"{i}:logits": np.asarray(model(_feed(model, b), training=False), dtype=np.float32)
-        for i, b in enumerate(batches)
-    }
+class _Runnable:
+    """A `.keras` model or a SavedModel's serving signature, called by serving input names.
+
+    `specs[own]` is (shape without the batch axis, dtype) of each of the model's own inputs;
+    `order`/`names` say how served graphs take them (`serving_names`).
+    """
+
+    def __init__(self, path: str) -> None:
+        import tensorflow as tf
+
+        if Path(path).is_dir():  # a SavedModel: its serving signature, keyword arguments
+            loaded = tf.saved_model.load(path)
+            if "serving_default" not in loaded.signatures:
+                raise ValueError(f"{path}: the SavedModel has no serving_default signature")
+            fn = loaded.signatures["serving_default"]
+            arg_specs = fn.structured_input_signature[1]
+            outputs = list(fn.structured_outputs)
+            if len(outputs) != 1:
+                raise ValueError(
+                    f"{path}: the signature has outputs {outputs}; one (logits) needed"
+                )
+            self.own = list(arg_specs)
+            self.specs = {k: (list(v.shape[1:]), v.dtype) for k, v in arg_specs.items()}
+            self._keep = loaded  # the signature's variables live as long as this object
+            out = outputs[0]
+            self._call = lambda args: fn(**dict(zip(self.own, args, strict=True)))[out]
+        else:
+            model = _load(path)
+            self.own = [t.name for t in model.inputs]
+            self.specs = {t.name: (list(t.shape[1:]), tf.as_dtype(t.dtype)) for t in model.inputs}
+            self._call = lambda args: model(args if len(args) > 1 else args[0], training=False)
+        self.order, self.names = serving_names(self.own)
+
+    def signature(self) -> list[Any]:
+        """TensorSpecs of the served inputs (dynamic batch), in served order."""
+        import tensorflow as tf
+
+        return [
+            tf.TensorSpec([None, *self.specs[o][0]], self.specs[o][1], name=n)
+            for o, n in zip(self.order, self.names, strict=True)
+        ]
+
+    def call_served(self, args: Sequence[Any]) -> Any:
+        """Logits for inputs given in served order."""
+        given = dict(zip(self.order, args, strict=True))
+        return self._call([given[o] for o in self.own])
+
+    def feed(self, batch: dict[str, np.ndarray]) -> list[Any]:
+        """A batch keyed by serving names (or "" / anything for a one-input model), in served
+        order."""
+        if len(self.names) == 1 and len(batch) == 1:  # one input: whatever the caller named it
+            return [next(iter(batch.values()))]
+        missing = [n for n in self.names if n not in batch]
+        if missing:
+            raise ValueError(f"inputs lack {missing}; the model takes {self.names}")
+        return [batch[n] for n in self.names]
+
+    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(self.call_served(self.feed(batch)), dtype=np.float32)
+
+
+def _predict_all(model: _Runnable, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {f"{i}:logits": model.logits(b) for i, b in enumerate(batches)}
 
 
 def _build(path: str, spec_json: str) -> None:
@@ -175,20 +289,18 @@ def _build(path: str, spec_json: str) -> None:
 
 def _export(model_path: str, onnx_path: str, opset: str, src: str, dst: str) -> None:
     import onnx
+    import tensorflow as tf
     import tf2onnx
 
-    import tensorflow as tf
-
-    model = _load(model_path)
-    names = [t.name for t in model.inputs]
-    signature = [tf.TensorSpec([None, *t.shape[1:]], t.dtype, name=t.name) for t in model.inputs]
+    model = _Runnable(model_path)
+    signature = model.signature()
 
     @tf.function(input_signature=signature)  # type: ignore[misc]
     def serve(*args: Any) -> dict[str, Any]:
-        return {"logits": model(list(args) if len(args) > 1 else args[0], training=False)}
+        return {"logits": model.call_served(args)}
 
     proto, _ = tf2onnx.convert.from_function(serve, input_signature=signature, opset=int(opset))
-    text = names == ["input_ids", "attention_mask"]
+    text = model.names == ["input_ids", "attention_mask"]
     for graph_input in proto.graph.input:
         dims = graph_input.type.tensor_type.shape.dim
         dims[0].dim_param = "batch"
@@ -201,6 +313,58 @@ def _export(model_path: str, onnx_path: str, opset: str, src: str, dst: str) -> 
     np.savez(dst, allow_pickle=False, **_predict_all(model, _load_batches(Path(src))))
 
 
+def _set_threads(tf: Any) -> None:
+    """The server's thread budget (DLPIPE_TF_THREADS, else OMP_NUM_THREADS), as training's."""
+    threads = os.environ.get("DLPIPE_TF_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def _serve(model_path: str) -> None:
+    """Answer frames on stdin with frames on stdout until stdin closes (the server retired the
+    version, stopped, or died: a closed pipe ends this process either way).
+
+    First frame out: `hello` (JSON: the inputs by serving name, shape and dtype). Then for each
+    request frame (arrays by serving input name) one `logits` frame, or an `error` frame
+    naming what was wrong with the input; the worker keeps running after an error.
+    """
+    # Frames own the real stdout; anything printed (TensorFlow, absl) goes to stderr instead.
+    frames_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    read_exact = stream_reader(sys.stdin.buffer)
+
+    import tensorflow as tf
+
+    _set_threads(tf)
+    model = _Runnable(model_path)
+    inputs = [
+        {"name": n, "shape": ["batch", *model.specs[o][0]], "dtype": model.specs[o][1].name}
+        for o, n in zip(model.order, model.names, strict=True)
+    ]
+    # Traced once per input signature (reduce_retracing generalizes the batch axis).
+    forward = tf.function(model.call_served, reduce_retracing=True)
+
+    def respond(request: dict[str, np.ndarray]) -> np.ndarray:
+        missing = [n for n in model.names if n not in request]
+        if missing:
+            raise ValueError(f"request lacks inputs {missing}; the model takes {model.names}")
+        return np.asarray(forward([request[n] for n in model.names]), dtype=np.float32)
+
+    frames_out.write(encode_frame({"hello": np.array(json.dumps({"inputs": inputs}))}))
+    while True:
+        try:
+            request = read_frame(read_exact)
+        except EOFError:
+            return
+        try:
+            reply = {"logits": respond(request)}
+        except Exception as err:  # a bad input: say so and keep serving
+            reply = {"error": np.array(f"{type(err).__name__}: {err}")}
+        frames_out.write(encode_frame(reply))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -208,14 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     if command == "build" and len(rest) == 2:
         _build(*rest)
     elif command == "predict" and len(rest) == 3:
-        model = _load(rest[0])
+        model = _Runnable(rest[0])
         np.savez(rest[2], allow_pickle=False, **_predict_all(model, _load_batches(Path(rest[1]))))
     elif command == "export" and len(rest) == 5:
         _export(*rest)
+    elif command == "serve" and len(rest) == 1:
+        _serve(rest[0])
     else:
         print(
             "usage: python -m dlpipe.models.keras_runner build PATH SPEC_JSON | "
-            "predict MODEL IN.npz OUT.npz | export MODEL OUT.onnx OPSET IN.npz OUT.npz",
+            "predict MODEL IN.npz OUT.npz | export MODEL OUT.onnx OPSET IN.npz OUT.npz | "
+            "serve MODEL",
             file=sys.stderr,
         )
         return 2

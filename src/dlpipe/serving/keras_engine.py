@@ -9,8 +9,9 @@ package serves on ONNX Runtime). The server process never imports TensorFlow: it
 would fight ONNX Runtime's, and `import tensorflow` with torch in the same process can crash it.
 The worker is `python -m dlpipe.models.keras_runner serve MODEL`; requests and replies are
 frames of `np.save` arrays on its stdin and stdout (`keras_runner.encode_frame`). A worker that
-died or stopped answering is killed and started again, and the batch is retried once; its
-stderr goes to a file whose end is quoted when it fails.
+dies is started again at once (a watcher thread); one that dies or stops answering during a
+batch is killed and started again, and the batch is retried once. Its stderr goes to a file
+whose end is quoted when it fails.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
         proc.stdout.close()
 
 
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            _stop(proc, grace_s=1.0)
+    procs.clear()
+
+
 class KerasWorker:
     """One TensorFlow process running one `.keras` file; one request at a time (a lock)."""
 
@@ -89,16 +97,9 @@ class KerasWorker:
         # A worker outlives nothing: if this object is dropped without close() (a load that
         # timed out, an engine garbage-collected), the finalizer stops the process.
         self._procs: list[subprocess.Popen[bytes]] = []
-        self._finalizer = weakref.finalize(self, KerasWorker._stop_all, self._procs)
+        self._finalizer = weakref.finalize(self, _stop_all, self._procs)
         self.inputs: list[dict[str, Any]] = []
         self._start()
-
-    @staticmethod
-    def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                _stop(proc, grace_s=1.0)
-        procs.clear()
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -143,6 +144,28 @@ class KerasWorker:
             "tensorflow worker started",
             extra={"event": "keras_worker_started", "pid": self._proc.pid},
         )
+        watch = threading.Thread(
+            target=self._watch, args=(self._proc,), name="dlpipe-keras-watch", daemon=True
+        )
+        watch.start()
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        """Start a new worker as soon as this one dies, not when the next request finds out."""
+        proc.wait()
+        with self._lock:
+            if self._closed or self._proc is not proc:  # closed, or already replaced
+                return
+            self._kill()
+            self.restarts += 1
+            log.warning(
+                "tensorflow worker died (status %s); starting a new one",
+                proc.returncode,
+                extra={"event": "keras_worker_restart", "restarts": self.restarts},
+            )
+            try:
+                self._start()
+            except KerasWorkerError as err:  # the next request tries again
+                log.error("restarting the tensorflow worker failed: %s", err)
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None

@@ -58,6 +58,9 @@ def sample_signature(sample: Sample) -> Hashable:
 class ServedModel:
     """A loaded, warmed-up version ready for `await infer(sample)`."""
 
+    package_dir: Path | None = None
+    """The package it was loaded from (quality reads its drift profile there)."""
+
     def __init__(
         self,
         model_name: str,
@@ -125,6 +128,7 @@ class ServedModel:
                 arrivals,
                 tokenizer_file=tokenizer if tokenizer.is_file() else None,
             )
+            served.package_dir = path if path.is_dir() else path.parent
             if settings.warmup:
                 sizes = sorted({1, min(8, settings.max_batch_size), settings.max_batch_size})
                 engine.warmup(tuple(sizes))
