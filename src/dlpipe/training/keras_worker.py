@@ -152,7 +152,6 @@ class Worker:
 
     def run(self) -> None:
         import keras
-
         import tensorflow as tf
 
         t = self.cfg.training
