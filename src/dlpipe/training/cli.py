@@ -2,10 +2,14 @@
 
     dlpipe train -c configs/fashion_mnist.yaml -o training.num_epochs=3 --json
     dlpipe train --resume checkpoints/fashion_mnist/<run>/last.ckpt
+    dlpipe train -c configs/fashion_mnist_keras.yaml           # Keras 3 on TensorFlow
+    dlpipe train --resume checkpoints/fashion_mnist_keras/<run>/last.keras
 
-Config errors (and an unusable `--resume` file without `-c`) print one line and exit 2 before
-any work starts; a training run that fails exits 1. With `--json` stdout holds one JSON object:
-{"run_id", "model_name", "model_version", "metrics", "checkpoint"}.
+A `.keras` checkpoint resumes a Keras run (`model.framework: tensorflow`), any other file a
+PyTorch one; `train()` sends each config to its framework. Config errors (and an unusable
+`--resume` file without `-c`, or one of the other framework than `-c` names) print one line
+and exit 2 before any work starts; a training run that fails exits 1. With `--json` stdout
+holds one JSON object: {"run_id", "model_name", "model_version", "metrics", "checkpoint"}.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -78,12 +83,34 @@ def train_job(args: argparse.Namespace) -> Outcome:
     return Outcome(payload, lambda console: _summary_table(console, result, seconds))
 
 
+def _is_keras_checkpoint(path: str) -> bool:
+    return Path(path).suffix == ".keras"
+
+
 def _resolve_config(args: argparse.Namespace) -> PipelineConfig:
     """The config from -c, or else the one stored in the --resume checkpoint; then -o."""
     if args.config:
-        return load_config(args.config, args.override)
+        cfg = load_config(args.config, args.override)
+        if args.resume and _is_keras_checkpoint(args.resume) != (
+            cfg.model.framework == "tensorflow"
+        ):
+            kind = "a Keras" if _is_keras_checkpoint(args.resume) else "a PyTorch"
+            raise ConfigError(
+                f"--resume {args.resume} is {kind} checkpoint but the config's model.framework "
+                f"is {cfg.model.framework!r}; resume with the config of the run that wrote it"
+            )
+        return cfg
     if not args.resume:
         raise ConfigError("give a config with -c CONFIG.yaml (or --resume CHECKPOINT)")
+    if _is_keras_checkpoint(args.resume):
+        from dlpipe.training.keras_checkpoint import KerasCheckpointError
+        from dlpipe.training.keras_fit import config_from_keras_checkpoint
+
+        try:
+            stored_cfg = config_from_keras_checkpoint(args.resume)
+        except KerasCheckpointError as err:  # missing, corrupt, or not written by dlpipe
+            raise UsageError(str(err)) from err
+        return config_from_dict(apply_overrides(stored_cfg.model_dump(mode="json"), args.override))
     from dlpipe.training.checkpoint import config_from_checkpoint, load_verified_checkpoint
 
     try:

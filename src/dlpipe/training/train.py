@@ -30,7 +30,7 @@ from dlpipe.training.checkpoint import (
     load_checkpoint_file,
     load_verified_checkpoint,
 )
-from dlpipe.training.devices import check_devices
+from dlpipe.training.devices import check_devices, launched_rank
 from dlpipe.training.module import LightningModel
 from dlpipe.training.trainer import DistributedTrainer, TrainingError
 
@@ -95,6 +95,7 @@ PLAN_FIELDS = (
     "accumulate_grad_batches",
     "scheduler",
     "num_processes",
+    "num_nodes",
     "strategy",
     "limit_train_batches",
 )
@@ -140,9 +141,28 @@ def train(
         resume_from: checkpoint to resume from (verified; a corrupted one falls back to the
             previous verified checkpoint beside it, with a warning; one without a checksum is
             used as named). Loaded weights-only: a file that needs code to unpickle is refused.
-        callbacks: extra Lightning callbacks.
+        callbacks: extra Lightning callbacks (PyTorch runs only).
         datamodule: use this instead of `dlpipe.data.build_datamodule(cfg)`.
+
+    `model.framework: tensorflow` runs `dlpipe.training.keras_fit.train_keras` (TensorFlow in
+    worker processes; this one never imports it) with the same result, run and registration.
     """
+    if cfg.model.framework == "tensorflow":
+        if callbacks:
+            # Lightning callbacks hook into a Lightning Trainer; a Keras run has none to call.
+            raise ValueError(
+                "callbacks= are Lightning callbacks and a Keras run (model.framework: "
+                "tensorflow) cannot call them; train without them or use a PyTorch model"
+            )
+        from dlpipe.training.keras_fit import train_keras
+
+        return train_keras(cfg, resume_from, datamodule=datamodule)
+    if launched_rank() > 0:
+        # A rank of a job torchrun / srun / a Kubernetes Job started: it fits, rank 0 alone
+        # logs and registers (dlpipe.training.launch).
+        from dlpipe.training.launch import train_other_rank
+
+        return train_other_rank(cfg, resume_from, callbacks=callbacks, datamodule=datamodule)
     check_devices(cfg.training)
     resume_path = None
     if resume_from:
