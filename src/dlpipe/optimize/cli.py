@@ -102,7 +102,7 @@ def render_table(report: OptimizationReport, console: Console | None = None) -> 
         table.add_column(col)
     base = report.baseline_latency
     table.add_row(
-        "pytorch (parent)", "fp32", f"{report.baseline_size_mb:.3f}",
+        f"{report.parent_framework} (parent)", "fp32", f"{report.baseline_size_mb:.3f}",
         f"{report.baseline_accuracy:.4f}", "-", f"{base.p50_ms:.2f}" if base else "-",
         f"version {report.parent_version}",
     )  # fmt: skip

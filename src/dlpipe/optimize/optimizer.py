@@ -6,6 +6,9 @@
     opt.quantize("fp16")
     opt.optimize_tensorrt("out/model.onnx", "out/model.plan")  # skipped in one line on CPU
 
+    opt = ModelOptimizer.from_onnx("model.fp32.onnx", preprocessing=cfg.preprocessing)
+    opt.quantize("int8", calibration_inputs=batches)      # no nn.Module: Keras, imported models
+
 `optimize_version` (in `dlpipe.optimize.variants`) drives this for a registered version.
 """
 
@@ -35,10 +38,11 @@ if TYPE_CHECKING:
 
 
 class ModelOptimizer:
-    """Export, quantize, prune and validate one PyTorch model.
+    """Export, quantize, prune and validate one PyTorch model, or quantize an ONNX graph.
 
     Args:
-        model: the trained network (never modified: pruning works on a copy).
+        model: the trained network (never modified: pruning works on a copy); None only
+            through `from_onnx`.
         model_name: its `dlpipe.models` name; gives ONNX input names and example inputs.
         preprocessing: shapes for the example inputs (image size, channels, sequence length).
         work_dir: where files go when no output path is given (default: a temp directory).
@@ -47,7 +51,7 @@ class ModelOptimizer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         *,
         model_name: str | None = None,
         preprocessing: PreprocessingConfig | None = None,
@@ -55,7 +59,7 @@ class ModelOptimizer:
         opset: int = 18,
         exporter: Exporter = "auto",
     ):
-        self.model = model.eval()
+        self.model = model.eval() if model is not None else None
         self.model_name = model_name
         self.preprocessing = preprocessing
         self.opset = opset
@@ -66,15 +70,56 @@ class ModelOptimizer:
         self.onnx_path: Path | None = None
         self.export_result: ExportResult | None = None
 
+    @classmethod
+    def from_onnx(
+        cls,
+        onnx_path: str | Path,
+        *,
+        preprocessing: PreprocessingConfig | None = None,
+        work_dir: str | Path | None = None,
+        export_result: ExportResult | None = None,
+    ) -> ModelOptimizer:
+        """Start from an FP32 ONNX graph instead of a PyTorch module (a Keras model exported
+        by tf2onnx, an imported ONNX model): quantization and TensorRT work on it; export and
+        pruning need PyTorch weights and raise.
+
+        Args:
+            preprocessing: shapes for example inputs (latency); the graph gives names and order.
+            export_result: how the graph was made (exporter, parity), when it was exported here.
+        """
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX file not found: {path}")
+        opt = cls(None, preprocessing=preprocessing, work_dir=work_dir)
+        opt.onnx_path, opt.export_result = path, export_result
+        return opt
+
+    def _require_model(self, what: str) -> nn.Module:
+        if self.model is None:
+            raise ValueError(f"{what} needs the PyTorch model; this optimizer holds only ONNX")
+        return self.model
+
+    def _graph_inputs(self) -> list[tuple[str, str]]:
+        """(name, ONNX element type) of each graph input, in order."""
+        import onnxruntime as ort
+
+        assert self.onnx_path is not None
+        session = ort.InferenceSession(str(self.onnx_path), providers=["CPUExecutionProvider"])
+        return [(i.name, i.type) for i in session.get_inputs()]
+
     # -- inputs -------------------------------------------------------------------------
 
     @property
     def is_text(self) -> bool:
+        if self.model_name is None and self.preprocessing is not None:
+            return self.preprocessing.task_type == "text_classification"
         from dlpipe.models import model_task
 
         return self.model_name is not None and model_task(self.model_name) == "text_classification"
 
     def input_names(self) -> list[str]:
+        if self.model is None and self.onnx_path is not None:
+            return [name for name, _ in self._graph_inputs()]
         from dlpipe.models import input_names
 
         return input_names(self.model_name) if self.model_name else ["input"]
@@ -85,11 +130,31 @@ class ModelOptimizer:
         """Inputs in forward order: from `input_shape` (images) or the model registry."""
         if input_shape is not None:
             return (torch.randn(batch_size, *tuple(input_shape)[1:]),)
+        if self.model is None and self.onnx_path is not None and self.preprocessing is not None:
+            return self._graph_example_inputs(batch_size)
         if self.model_name is None or self.preprocessing is None:
             raise ValueError("give input_shape, or model_name and preprocessing, to build inputs")
         from dlpipe.models import example_inputs
 
         return example_inputs(self.model_name, batch_size, self.preprocessing)
+
+    def _graph_example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """Inputs in the ONNX graph's own order, shaped as the preprocessing produces them:
+        token ids and an all-ones mask for int64 inputs, random images for float ones."""
+        assert self.preprocessing is not None
+        pre = self.preprocessing
+        length = pre.max_sequence_length or 128
+        h, w = pre.image_size or (28, 28)
+        out = []
+        for name, kind in self._graph_inputs():
+            if "int" in kind:
+                if "mask" in name:
+                    out.append(torch.ones(batch_size, length, dtype=torch.long))
+                else:
+                    out.append(torch.randint(1, 1000, (batch_size, length), dtype=torch.long))
+            else:
+                out.append(torch.randn(batch_size, pre.channels or 1, h, w))
+        return tuple(out)
 
     # -- design interface ---------------------------------------------------------------
 
@@ -105,17 +170,18 @@ class ModelOptimizer:
         Raises:
             ExportError: lists unsupported operators; `self.model` stays usable.
         """
+        model = self._require_model("ONNX export")
         if input_shape is None and self.model_name and self.preprocessing:
             from dlpipe.optimize.onnx_export import export_architecture
 
             result = export_architecture(
-                self.model, self.model_name, self.preprocessing, output_path, self.opset,
+                model, self.model_name, self.preprocessing, output_path, self.opset,
                 self.exporter,
             )  # fmt: skip
         else:
             example = self.example_inputs(2, input_shape)
             result = export_onnx(
-                self.model, example, output_path, self.input_names(), opset=self.opset,
+                model, example, output_path, self.input_names(), opset=self.opset,
                 exporter=self.exporter,
             )  # fmt: skip
         self.onnx_path, self.export_result = result.path, result
@@ -159,7 +225,7 @@ class ModelOptimizer:
         finetune_epochs: int = 0,
     ) -> tuple[nn.Module, PruneReport]:
         """A pruned copy of the model (permanent zeros), optionally fine-tuned briefly."""
-        pruned, report = prune_model(self.model, sparsity, method)
+        pruned, report = prune_model(self._require_model("pruning"), sparsity, method)
         if finetune_batches is not None and finetune_epochs > 0:
             finetune_pruned(pruned, finetune_batches, epochs=finetune_epochs)
             report.finetune_epochs = finetune_epochs

@@ -32,6 +32,13 @@ from dlpipe.optimize.onnx_export import (
 from dlpipe.tracking.package import load_package_config
 
 
+def task_input_names(task_type: str) -> list[str]:
+    """The ONNX input names serving feeds for a task (docs/architecture.md, Models)."""
+    if task_type == "text_classification":
+        return ["input_ids", "attention_mask"]
+    return ["input"]
+
+
 def default_parity_inputs(
     input_names: Sequence[str], shape: Sequence[int], seed: int = 0
 ) -> list[Inputs]:
@@ -122,18 +129,20 @@ def export_keras_package(
 ) -> ExportResult:
     """Export a registered Keras package (`model.keras` + `config.yaml`) to ONNX.
 
+    The graph's inputs are the serving contract's names for the task (`input`, or
+    `input_ids` + `attention_mask`), also for an imported Keras model whose own input is named
+    otherwise: serving and the quantizers feed by these names.
+
     Args:
         parity_inputs: preprocessed batches (e.g. 100 test images); default: two random ones.
         opset: default the package config's `optimize.opset`.
     """
-    from dlpipe.models.architectures import input_names
-
     package = Path(package_dir)
     keras_path = package / KERAS_FILE
     if not keras_path.is_file():
         raise FileNotFoundError(f"{package} has no {KERAS_FILE} (not a tensorflow package)")
     cfg = load_package_config(package)
-    names = input_names(cfg.model.name)
+    names = task_input_names(cfg.preprocessing.task_type)
     if parity_inputs is None:
         pre = cfg.preprocessing
         if pre.task_type == "text_classification":

@@ -2,10 +2,21 @@
 
     report = optimize_version("fashion_mnist_cnn", "champion", ["onnx", "int8", "fp16"])
 
-Each target is built from the parent's PyTorch weights, evaluated on the real held-out test
-split (`dlpipe.data.build_datamodule` on the package's config.yaml), timed at batch 1, and
+Each target is built from the parent, evaluated on the real held-out test split
+(`dlpipe.data.build_datamodule` on the package's config.yaml), timed at batch 1, and
 registered as a new version naming its parent only when its accuracy drop is within
 `max_accuracy_drop`. A failed export or quantization is reported per target; the others go on.
+
+What the variants start from depends on the parent package's files:
+
+- `weights.pt` (PyTorch): the network is rebuilt and exported; the baseline is PyTorch's.
+- `model.keras` (TensorFlow): tf2onnx exports it in a TensorFlow subprocess with parity on the
+  first 100 preprocessed test samples; the baseline predictions are Keras's own (another
+  subprocess), its latency the FP32 ONNX graph's (TensorFlow never runs in this process).
+- `model.onnx` only (an imported model): the graph itself is the FP32 starting point and the
+  baseline; the `onnx` target is skipped (the parent already is that graph).
+
+`pruned` needs PyTorch weights and is skipped for the other two.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -71,6 +82,8 @@ class OptimizationReport:
     baseline_latency: LatencyStats | None
     test_samples: int
     variants: list[VariantResult]
+    parent_framework: str = "pytorch"
+    """What the parent runs on; for tensorflow, `baseline_latency` is its FP32 ONNX graph's."""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -118,7 +131,6 @@ def optimize_version(
             evaluate, time) or a target (build, evaluate, time, register); step "done" ends one.
     """
     from dlpipe.data import build_datamodule
-    from dlpipe.tracking.package import load_package_config, load_torch_model
     from dlpipe.tracking.registry import ModelRegistry
 
     if targets is not None:
@@ -130,29 +142,32 @@ def optimize_version(
     say("parent", "download")
     package = Path(registry.get_model(name, version_or_alias))
     parent = registry.get_metadata(name, version_or_alias)
-    cfg = load_package_config(package)
+    kind = parent_kind(package)
+    if kind == "onnx" and parent.precision != "fp32":
+        raise ValueError(
+            f"version {parent.version} of {name!r} is a {parent.precision} variant; optimize its "
+            f"parent (version {parent.parent_version}) instead"
+        )
+    cfg = _package_config(package)
     chosen = parse_targets(targets if targets is not None else cfg.optimize.targets)
     max_drop = cfg.optimize.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop
     eval_cfg = cfg.model_copy(deep=True)  # the variants' config.yaml stays the parent's
     if limit_eval_samples:
         eval_cfg.data.limit_eval_samples = limit_eval_samples
     say("parent", "evaluate")
-    net = load_torch_model(package)
     datamodule = build_datamodule(eval_cfg)
     test_batches = list(datamodule.test_dataloader())
     labels = np.concatenate([np.asarray(y) for _, y in test_batches])
-    original_pred = predictions(net, test_batches)
-    baseline = float((original_pred == labels).mean())
 
     def inputs(batch: int) -> tuple[Any, ...]:
+        assert optimizer is not None  # timing happens only with a graph to time
         return optimizer.example_inputs(batch)
 
     with tempfile.TemporaryDirectory(prefix="dlpipe-optimize-") as tmp:
         work = Path(work_dir or tmp)
-        optimizer = ModelOptimizer(
-            net, model_name=cfg.model.name, preprocessing=cfg.preprocessing, work_dir=work,
-            opset=cfg.optimize.opset,
-        )  # fmt: skip
+        start = _start(kind, package, cfg, work, test_batches)
+        optimizer, original_pred = start.optimizer, start.predictions
+        baseline = float((original_pred == labels).mean())
         ctx = _Context(
             name, parent, cfg, registry, register, max_drop, test_batches,
             original_pred, measure, inputs, work, progress=say,
@@ -161,7 +176,7 @@ def optimize_version(
         for target in chosen:
             try:
                 results.append(
-                    _build_target(target, optimizer, ctx, datamodule, calibration_samples)
+                    _build_target(target, optimizer, ctx, datamodule, calibration_samples, start)
                 )
             except (ExportError, QuantizationError) as err:
                 results.append(VariantResult(target, "failed", PRECISION[target], reason=str(err)))
@@ -170,12 +185,109 @@ def optimize_version(
             _log_unregistered(ctx, results)
         if measure:
             say("parent", "time")
-        baseline_latency = measure_latency(net, inputs) if measure else None
+        baseline_latency = None
+        if measure and optimizer is not None:
+            # PyTorch eager for a PyTorch parent; the FP32 graph for the others.
+            timed = optimizer.model if optimizer.model is not None else optimizer.fp32_onnx()
+            baseline_latency = measure_latency(timed, inputs)
         say("parent", "done")
     return OptimizationReport(
         name, parent.version, baseline, parent.model_size_mb, baseline_latency,
-        int(labels.size), results,
+        int(labels.size), results, parent_framework=parent.framework,
     )  # fmt: skip
+
+
+ParentKind = Literal["pytorch", "keras", "onnx"]
+
+
+def parent_kind(package: Path) -> ParentKind:
+    """Which files the variants start from (see the module docstring)."""
+    from dlpipe.tracking.package import KERAS_FILE, MODEL_FILES, ONNX_FILE, WEIGHTS_FILE
+
+    if (package / WEIGHTS_FILE).is_file():
+        return "pytorch"
+    if (package / KERAS_FILE).is_file():
+        return "keras"
+    if (package / ONNX_FILE).is_file():
+        return "onnx"
+    raise FileNotFoundError(f"{package} has none of {MODEL_FILES}")
+
+
+def _package_config(package: Path) -> Any:
+    from dlpipe.tracking.package import CONFIG_FILE, load_package_config
+
+    if not (package / CONFIG_FILE).is_file():
+        # Imported with --preprocessing only: no data config, so no test split to gate on.
+        raise FileNotFoundError(
+            f"{package} has no {CONFIG_FILE}: the version was imported without a data config; "
+            "import it again with -c CONFIG.yaml to optimize it"
+        )
+    return load_package_config(package)
+
+
+@dataclass
+class _Start:
+    """The parent as the variants see it."""
+
+    optimizer: ModelOptimizer | None
+    """None when the FP32 ONNX graph could not be made (`export_error` says why)."""
+    predictions: np.ndarray
+    export_error: ExportError | None = None
+    kind: ParentKind = "pytorch"
+
+
+def _numpy_batch(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: np.asarray(v) for k, v in x.items()}
+    return np.asarray(x)
+
+
+def first_samples(batches: list[Any], count: int) -> Any:
+    """The first `count` preprocessed inputs of `(x, y)` batches as one numpy batch."""
+    xs = [_numpy_batch(x) for x, _ in batches]
+    if isinstance(xs[0], dict):
+        return {k: np.concatenate([x[k] for x in xs])[:count] for k in xs[0]}
+    return np.concatenate(xs)[:count]
+
+
+PARITY_SAMPLES = 100
+"""Test samples a Keras export must reproduce within 1e-4 (absolute) + 1e-3 (relative)."""
+
+
+def _start(kind: ParentKind, package: Path, cfg: Any, work: Path, batches: list[Any]) -> _Start:
+    if kind == "pytorch":
+        from dlpipe.tracking.package import load_torch_model
+
+        net = load_torch_model(package)
+        optimizer = ModelOptimizer(
+            net, model_name=cfg.model.name, preprocessing=cfg.preprocessing, work_dir=work,
+            opset=cfg.optimize.opset,
+        )  # fmt: skip
+        return _Start(optimizer, predictions(net, batches), kind=kind)
+    if kind == "onnx":
+        from dlpipe.tracking.package import ONNX_FILE
+
+        fp32 = package / ONNX_FILE
+        optimizer = ModelOptimizer.from_onnx(fp32, preprocessing=cfg.preprocessing, work_dir=work)
+        return _Start(optimizer, predictions(fp32, batches), kind=kind)
+    from dlpipe.models.keras_runner import keras_predict
+    from dlpipe.optimize.tf_export import export_keras_package
+    from dlpipe.tracking.package import KERAS_FILE
+
+    # The parent's own predictions: Keras in a TensorFlow subprocess, never in this one.
+    logits = keras_predict(package / KERAS_FILE, [_numpy_batch(x) for x, _ in batches])
+    keras_pred = np.concatenate([np.asarray(z).argmax(axis=1) for z in logits])
+    try:
+        exported = export_keras_package(
+            package, work / "model.fp32.onnx",
+            parity_inputs=[first_samples(batches, PARITY_SAMPLES)], opset=cfg.optimize.opset,
+        )  # fmt: skip
+    except ExportError as err:  # ParityError too: every ONNX variant fails with this reason
+        return _Start(None, keras_pred, export_error=err, kind=kind)
+    optimizer = ModelOptimizer.from_onnx(
+        exported.path, preprocessing=cfg.preprocessing, work_dir=work, export_result=exported
+    )
+    return _Start(optimizer, keras_pred, kind=kind)
 
 
 @dataclass
@@ -202,14 +314,24 @@ def _calibration(datamodule: Any, count: int, batch: int = 32) -> list[Any]:
 
 def _build_target(
     target: str,
-    optimizer: ModelOptimizer,
+    optimizer: ModelOptimizer | None,
     ctx: _Context,
     datamodule: Any,
     calibration_samples: int | None,
+    start: _Start,
 ) -> VariantResult:
     precision = PRECISION[target]
     details: dict[str, Any] = {}
     ctx.progress(target, "build")
+    if target == "pruned" and start.kind != "pytorch":
+        return VariantResult(target, "skipped", precision, reason="needs PyTorch weights")
+    if target == "onnx" and start.kind == "onnx":
+        reason = f"the parent (version {ctx.parent.version}) already is this ONNX graph"
+        return VariantResult(target, "skipped", precision, reason=reason)
+    if optimizer is None:
+        assert start.export_error is not None
+        reason = f"no FP32 ONNX graph to start from: {start.export_error}"
+        return VariantResult(target, "failed", precision, reason=reason)
     if target == "tensorrt":
         source = optimizer.fp32_onnx()
         trt = optimizer.optimize_tensorrt(source, ctx.work / "model.fp16.plan", "fp16")
