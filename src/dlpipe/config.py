@@ -138,9 +138,14 @@ class TrainingConfig(_Section):
     """The design's name for `model.name`: set either one (both must agree); filled in
     from `model.name` when absent."""
     num_gpus: int = Field(0, ge=0)
-    """GPUs to use; 0 trains on the CPU."""
+    """GPUs to use on each node; 0 trains on the CPU. More than one always trains on every one
+    of them (DDP unless `strategy` names another)."""
     num_processes: int = Field(1, ge=1, le=64)
-    """Processes (DDP) or Ray workers; on GPU one per device."""
+    """CPU processes per node (DDP, FSDP) or Ray workers in all; on GPU one per device."""
+    num_nodes: int = Field(1, ge=1, le=1024)
+    """Machines of a multi-node DDP/FSDP/DeepSpeed job, each running its processes, started by
+    torchrun, srun or a Kubernetes Job (env:// rendezvous; docs/training.md). Ray places its
+    workers itself: keep 1 with `strategy: ray`."""
     batch_size: int = Field(128, ge=1)
     """Per-process batch size."""
     learning_rate: float = Field(2e-3, gt=0.0, le=10.0)
@@ -149,7 +154,12 @@ class TrainingConfig(_Section):
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: no limit)."""
     precision: Literal["32", "16-mixed", "bf16-mixed"] = "32"
-    strategy: Literal["auto", "ddp", "ray"] = "auto"
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed", "ray"] = "auto"
+    """`auto`: one process, or DDP when more than one is asked for (num_gpus, num_processes,
+    num_nodes); `fsdp`: fully sharded data parallel (a model larger than one GPU); `deepspeed`:
+    ZeRO (`pip install 'dlpipe[deepspeed]'`, GPUs only); `ray`: Ray Train workers."""
+    deepspeed_stage: Literal[1, 2, 3] = 2
+    """ZeRO stage with `strategy: deepspeed` (3 also shards the parameters)."""
     scheduler: Literal["cosine", "onecycle", "none"] = "onecycle"
     accumulate_grad_batches: int = Field(1, ge=1)
     gradient_clip_val: float | None = Field(None, gt=0.0)
@@ -158,6 +168,12 @@ class TrainingConfig(_Section):
     monitor_mode: Literal["max", "min"] = "max"
     save_top_k: int = Field(1, ge=0)
     checkpoint_dir: str = "checkpoints"
+    storage_path: str | None = None
+    """Ray Train's storage (`strategy: ray`): a path every node mounts (NFS) or a URI that
+    pyarrow's filesystems read (`s3://bucket/prefix`, `gs://...`); required when the Ray
+    workers run on more than one machine. None: under checkpoint_dir (one machine)."""
+    profiler: Literal["simple", "advanced", "pytorch"] | None = None
+    """Lightning profiler for the fit; its report is logged to the MLflow run (`profiler/`)."""
     experiment_name: str = "dlpipe"
     seed: int = 42
     deterministic: bool = False
@@ -175,6 +191,22 @@ class TrainingConfig(_Section):
     def _precision_needs_gpu(self) -> TrainingConfig:
         if self.precision == "16-mixed" and self.num_gpus == 0:
             raise ValueError("precision '16-mixed' needs a GPU; use 'bf16-mixed' or '32' on CPU")
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_settings(self) -> TrainingConfig:
+        # Each of these would otherwise be silently ignored (or fail only once workers start).
+        if self.strategy == "deepspeed" and self.num_gpus == 0:
+            raise ValueError("strategy 'deepspeed' runs on CUDA GPUs only: set num_gpus >= 1")
+        if self.strategy == "ray" and self.num_nodes > 1:
+            raise ValueError(
+                "strategy 'ray' places its workers on the cluster's nodes itself: keep "
+                "num_nodes=1 and set num_processes to the total number of workers"
+            )
+        if self.storage_path is not None and self.strategy != "ray":
+            raise ValueError("storage_path is Ray Train's storage: it needs strategy 'ray'")
+        if self.storage_path is not None and not self.storage_path.strip():
+            raise ValueError("storage_path must be a path or a URI (s3://bucket/prefix)")
         return self
 
 

@@ -1,25 +1,26 @@
-"""`DistributedTrainer`: one Lightning recipe for one process, DDP (N processes) and Ray Train.
+"""`DistributedTrainer`: one Lightning recipe for one process, DDP, FSDP, DeepSpeed and Ray Train.
 
     trainer = DistributedTrainer(cfg, tracker=tracker)
     outcome = trainer.train(model, datamodule)     # FitOutcome(best_checkpoint, ...)
 
-`ddp` spawns `training.num_processes` processes (gloo on CPU, NCCL on GPU, one per GPU) through
-Lightning's spawn launcher, so it works the same from the CLI, from a notebook and from tests; a
-worker that dies ends the whole job at once. `ray` runs Ray Train's TorchTrainer (see `ray_fit.py`).
+`training.num_gpus > 1` (or `num_processes > 1`, or `num_nodes > 1`) always uses every requested
+device: DDP unless `training.strategy` names FSDP or DeepSpeed (`devices.process_plan`). dlpipe
+spawns the processes itself on one machine (a worker that dies ends the whole job at once);
+torchrun, srun or a Kubernetes Job start them for multi-node jobs (`strategies.py`). `ray` runs
+Ray Train's TorchTrainer (see `ray_fit.py`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
 
 from dlpipe.config import PipelineConfig
 from dlpipe.tracking.experiment import ExperimentTracker
@@ -30,10 +31,18 @@ from dlpipe.training.checkpoint import (
     ResumeStateCallback,
     load_verified_checkpoint,
 )
+from dlpipe.training.devices import (
+    ProcessPlan,
+    check_devices,
+    cuda_device_count,
+    process_plan,
+)
+from dlpipe.training.launch import SharedRun
+from dlpipe.training.profiling import build_profiler, log_profiler_reports
+from dlpipe.training.strategies import PROCESS_GROUP_TIMEOUT, build_strategy
+from dlpipe.training.teardown import finish_distributed_fit
 
-# Bounds a collective that waits on a peer that hangs without dying (a dead peer's closed socket
-# is noticed at once); generous because rank 0 may spend a while writing a checkpoint.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=5)
+__all__ = ["PROCESS_GROUP_TIMEOUT", "DistributedTrainer", "FitOutcome", "TrainingError"]
 
 
 class TrainingError(RuntimeError):
@@ -64,24 +73,6 @@ def fit_outcome(trainer: pl.Trainer) -> FitOutcome:
     )
 
 
-def _allow_locks_in_spawned_workers() -> None:
-    """Let spawn pickle objects that hold a threading lock (e.g. a lazily built tokenizer's).
-
-    A spawned worker needs its own fresh lock anyway; this only affects multiprocessing's pickler.
-    """
-    import threading
-    from multiprocessing.reduction import ForkingPickler
-
-    def fresh_lock(lock: Any) -> tuple[Any, tuple[()]]:
-        return threading.Lock, ()
-
-    def fresh_rlock(lock: Any) -> tuple[Any, tuple[()]]:
-        return threading.RLock, ()
-
-    ForkingPickler.register(type(threading.Lock()), fresh_lock)
-    ForkingPickler.register(type(threading.RLock()), fresh_rlock)
-
-
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
@@ -108,9 +99,13 @@ class DistributedTrainer:
 
     Args:
         cfg: the whole pipeline config (training section drives the trainer).
-        tracker: when given, every epoch's metrics go to this run (global rank 0 only).
+        tracker: when given, every epoch's metrics go to this run (global rank 0 only), and so
+            does the profiler's report.
         callbacks: extra Lightning callbacks (e.g. for tests).
         checkpoint_dir: where checkpoints go; default `cfg.training.checkpoint_dir`.
+        device_count: CUDA devices on this node, checked when `train` starts; default what
+            torch sees. `trainer_kwargs` never looks at the machine, so a 4-GPU plan can be
+            inspected anywhere.
     """
 
     def __init__(
@@ -119,13 +114,25 @@ class DistributedTrainer:
         tracker: ExperimentTracker | None = None,
         callbacks: list[Callback] | None = None,
         checkpoint_dir: str | Path | None = None,
+        device_count: Callable[[], int] = cuda_device_count,
     ) -> None:
         self.cfg = cfg
         self.tracker = tracker
         self.extra_callbacks = list(callbacks or [])
         self.checkpoint_dir = Path(checkpoint_dir or cfg.training.checkpoint_dir).absolute()
+        self.device_count = device_count
         self.trainer: pl.Trainer | None = None
         self.resume_path: Path | None = None
+        self.shared_run: SharedRun | None = None
+
+    @property
+    def plan(self) -> ProcessPlan:
+        """Processes per node, nodes, strategy, and whether a launcher started them."""
+        return process_plan(self.cfg.training)
+
+    @property
+    def profiler_dir(self) -> Path:
+        return self.checkpoint_dir / "profiler"
 
     # -- building -------------------------------------------------------------------------------
 
@@ -156,35 +163,28 @@ class DistributedTrainer:
             )
         if self.tracker is not None:
             out.append(MLflowEpochLogger(self.tracker))
+        if self.plan.world_size > 1 and t.strategy != "ray":
+            run_id = self.tracker.run_id if self.tracker is not None else None
+            self.shared_run = SharedRun(run_id, str(self.checkpoint_dir))
+            out.append(self.shared_run)
         return out + self.extra_callbacks
 
-    def _strategy(self) -> tuple[Any, int | str]:
+    def trainer_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """What `pl.Trainer` receives for this config (keyword arguments override any setting):
+        the accelerator, every requested device on every node, the strategy object, precision,
+        accumulation, callbacks, the checkpoint plugin and the profiler."""
         t = self.cfg.training
-        if t.strategy == "ddp":
-            _allow_locks_in_spawned_workers()
-            devices = t.num_gpus if t.num_gpus > 0 else t.num_processes
-            backend = "nccl" if t.num_gpus > 0 else "gloo"
-            strategy = DDPStrategy(
-                start_method="spawn", process_group_backend=backend, timeout=PROCESS_GROUP_TIMEOUT
-            )
-            return strategy, devices
-        return "auto", 1
-
-    def lightning_trainer(self, **overrides: Any) -> pl.Trainer:
-        """A `pl.Trainer` for this config; keyword arguments override any setting."""
-        t = self.cfg.training
-        strategy, devices = self._strategy()
+        plan = self.plan
         kwargs: dict[str, Any] = {
-            "accelerator": "gpu" if t.num_gpus > 0 else "cpu",
-            "devices": devices,
-            "strategy": strategy,
+            "accelerator": plan.accelerator,
+            "devices": plan.devices,
+            "num_nodes": plan.num_nodes,
             "precision": t.precision,
             "max_epochs": t.num_epochs,
             "max_steps": t.max_steps,
             "accumulate_grad_batches": t.accumulate_grad_batches,
             "gradient_clip_val": t.gradient_clip_val,
             "deterministic": t.deterministic,
-            "callbacks": self.callbacks(),
             "plugins": [ChecksummedCheckpointIO()],
             "logger": False,
             "enable_progress_bar": t.progress_bar,
@@ -195,27 +195,48 @@ class DistributedTrainer:
             kwargs["limit_train_batches"] = t.limit_train_batches
         if t.limit_val_batches is not None:
             kwargs["limit_val_batches"] = t.limit_val_batches
+        # Built only when not overridden: a strategy or callbacks are not free to construct.
+        if "strategy" not in overrides:
+            kwargs["strategy"] = build_strategy(plan, t)
+        if "callbacks" not in overrides:
+            kwargs["callbacks"] = self.callbacks()
+        if "profiler" not in overrides:
+            kwargs["profiler"] = build_profiler(t.profiler, self.profiler_dir)
         kwargs.update(overrides)
-        return pl.Trainer(**kwargs)
+        return kwargs
+
+    def lightning_trainer(self, **overrides: Any) -> pl.Trainer:
+        """A `pl.Trainer` for this config; keyword arguments override any setting."""
+        return pl.Trainer(**self.trainer_kwargs(**overrides))
 
     # -- running --------------------------------------------------------------------------------
 
     def train(self, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> FitOutcome:
-        """Fit `model` on `datamodule`; resumes from `load_checkpoint`'s path when one was set."""
+        """Fit `model` on `datamodule`; resumes from `load_checkpoint`'s path when one was set.
+
+        Afterwards `model` holds the final weights in this process (whole tensors, also after
+        FSDP), and only this process is left in any process group the fit joined, so testing
+        and packaging run on rank 0 alone.
+        """
+        check_devices(self.cfg.training, self.device_count)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt = str(self.resume_path) if self.resume_path is not None else None
         try:
             if self.cfg.training.strategy == "ray":
                 from dlpipe.training.ray_fit import fit_with_ray
 
-                return fit_with_ray(self, model, datamodule, ckpt)
-            self.trainer = self.lightning_trainer()
-            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+                outcome = fit_with_ray(self, model, datamodule, ckpt)
+            else:
+                self.trainer = self.lightning_trainer()
+                self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+                outcome = finish_distributed_fit(self.trainer, model, fit_outcome(self.trainer))
         except (KeyboardInterrupt, TrainingError):
             raise
         except BaseException as err:
             raise self._explain(err) from err
-        return fit_outcome(self.trainer)
+        if self.tracker is not None and self.tracker.is_logging_rank:
+            log_profiler_reports(self.tracker, self.profiler_dir)
+        return outcome
 
     def _explain(self, err: BaseException) -> BaseException:
         batch = self.cfg.training.batch_size
@@ -238,6 +259,8 @@ class DistributedTrainer:
         tester = self.lightning_trainer(
             strategy="auto",
             devices=1,
+            num_nodes=1,
+            profiler=None,
             callbacks=[],
             enable_checkpointing=False,
             enable_model_summary=False,
