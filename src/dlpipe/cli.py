@@ -38,6 +38,9 @@ COMMANDS: dict[str, Command] = {
     "serve": Command(
         "dlpipe.serving.cli", "serve", "serve registered models over HTTP (FastAPI + ONNX Runtime)"
     ),
+    "sagemaker": Command(
+        "dlpipe.sagemaker.cli", "sagemaker", "run a training config as a SageMaker training job"
+    ),
     "models": Command("dlpipe.models.cli", None, "list the model architectures"),
     "config": Command("dlpipe.config_cli", None, "list config keys and their docs; read one"),
 }

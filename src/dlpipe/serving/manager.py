@@ -14,6 +14,10 @@ Faults stay contained:
 - a load in progress never holds up a switch to versions already loaded (a rollback waits only
   for its own target);
 - a registry that cannot be read leaves the last plan serving.
+
+A source that takes heartbeats (the registry) is told, after each switch has drained, which
+plan this server applies (`dlpipe.serving.heartbeats`): that is how `--wait` knows a change
+has landed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dlpipe.monitoring import MetricsCollector
 from dlpipe.routing import RoutingPlan, RoutingState
 from dlpipe.serving.admission import Arrivals
 from dlpipe.serving.errors import ModelUnavailable, VersionNotServed
+from dlpipe.serving.heartbeats import HeartbeatReporter, interval_for
 from dlpipe.serving.served import ServedModel
 from dlpipe.serving.settings import ServeSettings
 from dlpipe.serving.sources import ModelSource
@@ -102,6 +107,15 @@ class ModelManager:
         self._draining: set[asyncio.Task[None]] = set()
         self._follow_task: asyncio.Task[None] | None = None
         self._on_first_ready = on_first_ready
+        report = getattr(source, "report_heartbeat", None)
+        self.heartbeat: HeartbeatReporter | None = None
+        if report is not None:
+            self.heartbeat = HeartbeatReporter(
+                self,
+                report,
+                getattr(source, "withdraw_heartbeat", None),
+                interval_for(settings.registry_refresh_s),
+            )
 
     @property
     def model_name(self) -> str:
@@ -110,6 +124,17 @@ class ModelManager:
     @property
     def ready(self) -> bool:
         return self.state is not None
+
+    @property
+    def applied(self) -> tuple[RoutingPlan, int] | None:
+        """(plan, generation) routing applies now; None before the first plan."""
+        state = self.state
+        return None if state is None else (state.plan, state.generation)
+
+    async def drained(self) -> None:
+        """Return once every version routed away from so far has answered what it queued."""
+        while pending := {task for task in self._draining if not task.done()}:
+            await asyncio.wait(pending)
 
     # ----------------------------------------------------------------- routing
     def route(
@@ -154,6 +179,8 @@ class ModelManager:
             self._follow_task = asyncio.get_running_loop().create_task(
                 self._follow(), name="registry-follow"
             )
+            if self.heartbeat is not None:
+                self.heartbeat.start()
 
     async def _follow(self) -> None:
         while True:
@@ -289,6 +316,8 @@ class ModelManager:
         if current is None and self._on_first_ready is not None:
             self._on_first_ready()
         self._retire_unused()
+        if self.heartbeat is not None:
+            self.heartbeat.switched()  # written once the versions just retired have drained
         return True
 
     def _retire_unused(self) -> None:
@@ -316,6 +345,8 @@ class ModelManager:
 
     async def stop(self) -> None:
         """Stop following the source and close every batcher (queued requests finish first)."""
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
         tasks = [t for t in (self._follow_task, *self._loading.values()) if t is not None]
         for task in tasks:
             task.cancel()
@@ -347,6 +378,8 @@ class ModelManager:
             "model_name": self.model_name,
             "ready": state is not None,
             "generation": state.generation if state else 0,
+            "plan_digest": state.plan.digest if state else None,
+            "heartbeat": self.heartbeat.describe() if self.heartbeat is not None else None,
             "routing": state.plan.to_dict() if state else None,
             "wanted_routing": state.wanted.to_dict() if state and state.wanted else None,
             "versions": [m.describe() for m in state.models.values()] if state else [],

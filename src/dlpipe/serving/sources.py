@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-from dlpipe.routing import ABTestConfig, RoutingPlan, RoutingState
+from dlpipe.routing import ABTestConfig, Heartbeat, RoutingPlan, RoutingState
 from dlpipe.tracking.package import METADATA_FILE
 
 
@@ -85,6 +85,7 @@ class RegistrySource:
 
         self.model_name = model_name
         self.registry = RegistryReader(tracking_uri)
+        self._pruned = False
 
     def plan(self) -> RoutingPlan:
         state = self.registry.routing_state(self.model_name)
@@ -94,3 +95,17 @@ class RegistrySource:
 
     def fetch(self, version: str) -> Path:
         return Path(self.registry.get_model(self.model_name, version))
+
+    def report_heartbeat(self, heartbeat: Heartbeat) -> None:
+        """Tell the registry which plan this server applies (`dlpipe.tracking.heartbeats`)."""
+        from dlpipe.tracking.heartbeats import prune_heartbeats, write_heartbeat
+
+        if not self._pruned:  # once per server: drop heartbeats of servers long dead
+            prune_heartbeats(self.registry.client, self.model_name)
+            self._pruned = True
+        write_heartbeat(self.registry.client, self.model_name, heartbeat)
+
+    def withdraw_heartbeat(self, server_id: str) -> None:
+        from dlpipe.tracking.heartbeats import delete_heartbeat
+
+        delete_heartbeat(self.registry.client, self.model_name, server_id)

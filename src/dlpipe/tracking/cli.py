@@ -3,12 +3,14 @@
     dlpipe registry list fashion
     dlpipe registry show fashion@champion --json
     dlpipe registry ab fashion --a 3 --b 4 --split 0.9
-    dlpipe registry rollback fashion --to 3
+    dlpipe registry rollback fashion --to 3 --wait     # returns once every live server applies it
 
 The store is `--tracking-uri`, else MLflow's environment (MLFLOW_REGISTRY_URI, then
 MLFLOW_TRACKING_URI). With `--json` stdout holds one JSON value. An error prints one line to
 stderr and changes nothing: exit 2 for a bad command line, 1 when the registry refuses (unknown
-model, version or alias).
+model, version or alias). `--wait` (promote, ab, rollback) then waits until every live server
+reports applying the new routing (its heartbeat, `dlpipe.tracking.heartbeats`); exit 1 naming
+the servers still behind after `--wait-timeout` seconds (the change itself stays made).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dlpipe.cli_support import (
+    EXIT_FAILED,
     CommandParser,
     Outcome,
     UsageError,
@@ -48,27 +51,51 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0.0 < value < 86400.0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = CommandParser(add_help=False)
     add_tracking_flag(common)
     add_json_flag(common, "the result")
+    waiting = CommandParser(add_help=False)
+    waiting.add_argument(
+        "--wait", action="store_true",
+        help="return only once every live server applies the change (servers report it in "
+        "heartbeats after draining the versions routed away from)",
+    )  # fmt: skip
+    waiting.add_argument(
+        "--wait-timeout", type=_seconds, default=60.0, metavar="S",
+        help="with --wait: give up after S seconds, exit 1 naming the servers behind (default 60)",
+    )  # fmt: skip
     parser = CommandParser(prog="dlpipe registry", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     p = sub.add_parser("list", parents=[common], help="every version with metadata and aliases")
     p.add_argument("name")
     p = sub.add_parser("show", parents=[common], help="one version: NAME, NAME@alias, NAME:3")
     p.add_argument("spec", metavar="NAME[@alias|:version]")
-    p = sub.add_parser("promote", parents=[common], help="point an alias (champion) at a version")
+    p = sub.add_parser(
+        "promote", parents=[common, waiting], help="point an alias (champion) at a version"
+    )
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("--alias", default="champion")
-    p = sub.add_parser("ab", parents=[common], help="set (--a --b --split) or --clear an A/B split")
+    p = sub.add_parser(
+        "ab", parents=[common, waiting], help="set (--a --b --split) or --clear an A/B split"
+    )
     p.add_argument("name")
     p.add_argument("--a", dest="model_a", help="version A")
     p.add_argument("--b", dest="model_b", help="version B")
     p.add_argument("--split", type=_fraction, help="share of traffic for A, in [0, 1]")
     p.add_argument("--clear", action="store_true", help="end the A/B split")
-    p = sub.add_parser("rollback", parents=[common], help="send all traffic to a version")
+    p = sub.add_parser("rollback", parents=[common, waiting], help="send all traffic to a version")
     p.add_argument("name")
     p.add_argument("--to", required=True, dest="to_version")
     p = sub.add_parser("history", parents=[common], help="audit trail of alias and A/B changes")
@@ -85,8 +112,32 @@ def _job(args: argparse.Namespace) -> Outcome:
     from dlpipe.tracking.registry import ModelRegistry
 
     _quiet_mlflow()  # after importing mlflow, which sets its own log levels
-    result, render = _COMMANDS[args.command](ModelRegistry(args.tracking_uri), args)
+    registry = ModelRegistry(args.tracking_uri)
+    result, render = _COMMANDS[args.command](registry, args)
+    if getattr(args, "wait", False):
+        return _wait_applied(registry, args, result, render)
     return Outcome(result, render)
+
+
+def _wait_applied(reg: Any, args: argparse.Namespace, result: Any, render: Render) -> Outcome:
+    """Wait until every live server applies the routing now in the registry."""
+    from dlpipe.tracking.heartbeats import RolloutTimeout, wait_until_applied
+
+    try:
+        applied = wait_until_applied(reg, args.name, args.wait_timeout)
+    except RolloutTimeout as err:
+        behind = [h.server_id for h in err.laggards]
+        waited = {"applied": False, "digest": err.digest, "laggards": behind}
+        return Outcome({**result, "wait": waited}, render, EXIT_FAILED, str(err))
+    waited = {"applied": True, **applied.to_dict()}
+
+    def render_all(console: Console) -> None:
+        render(console)
+        console.print(
+            f"applied by {len(applied.servers)} live server(s) after {applied.waited_s:.2f} s"
+        )
+
+    return Outcome({**result, "wait": waited}, render_all)
 
 
 def _quiet_mlflow() -> None:

@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 
 from dlpipe.routing import (
     ABTestConfig,
+    Heartbeat,
     RoutingCache,
     RoutingSignal,
     RoutingState,
@@ -34,6 +35,7 @@ from dlpipe.routing import (
     signal_path_for,
 )
 from dlpipe.tracking.audit import audit_entries
+from dlpipe.tracking.heartbeats import heartbeats_from_tags
 from dlpipe.tracking.metadata import ModelMetadata
 from dlpipe.tracking.package import METADATA_FILE
 from dlpipe.tracking.store import NOT_FOUND, RegistryError, check_name, error_code, retry_locked
@@ -137,6 +139,10 @@ class RegistryReader:
     def history(self, name: str) -> list[dict[str, Any]]:
         """Audit trail (who, when, action, from, to), oldest first."""
         return audit_entries(self._registered_model(name).tags)
+
+    def server_heartbeats(self, name: str) -> list[Heartbeat]:
+        """Every server's last heartbeat (live or expired), read from the store now."""
+        return heartbeats_from_tags(self._registered_model(name).tags)
 
     # ---- routing ------------------------------------------------------------------------
 

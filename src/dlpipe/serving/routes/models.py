@@ -13,5 +13,6 @@ router = APIRouter(tags=["models"], responses=error_responses(401, 503))
 
 @router.get("/models")
 async def models(manager: ManagerDep) -> dict[str, Any]:
-    """Served versions, the routing plan (champion / A/B) and the last load error."""
+    """Served versions, the routing plan (champion / A/B) with its generation and digest, this
+    server's heartbeat to the registry, and the last load error."""
     return manager.describe()
