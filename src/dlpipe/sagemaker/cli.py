@@ -147,7 +147,12 @@ def check_job(args: argparse.Namespace) -> None:
 
 def build_model_trainer(args: argparse.Namespace, code_dir: Path) -> Any:
     """The SDK's `ModelTrainer` for the job (validated by the SDK; nothing is submitted)."""
-    from sagemaker.train import ModelTrainer
+    try:
+        from sagemaker.train import ModelTrainer
+    except ModuleNotFoundError as err:  # [all] leaves the SDK out (it downgrades protobuf)
+        raise UsageError(
+            "the SageMaker SDK is not installed: pip install 'dlpipe[sagemaker]'"
+        ) from err
 
     shutil.copyfile(args.config, code_dir / CODE_CONFIG)
     return ModelTrainer(**trainer_arguments(args, code_dir))
