@@ -13,8 +13,9 @@ no MLflow, nothing of `dlpipe.serving` (which imports this package).
 """
 
 from dlpipe.quality.drift import PROFILE_FILE, DriftProfile, load_profile, psi
+from dlpipe.quality.feedback import FeedbackResult
 from dlpipe.quality.live import LiveStats, VersionStats
-from dlpipe.quality.monitor import FeedbackResult, QualityMonitor
+from dlpipe.quality.monitor import QualityMonitor
 from dlpipe.quality.predlog import LogReader, PredictionLog, read_records
 
 __all__ = [

@@ -30,7 +30,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from dlpipe.quality.drift import DriftProfile, DriftWindow, load_profile
-from dlpipe.quality.live import LiveStats, VersionStats
+from dlpipe.quality.feedback import FeedbackResult, accuracy_tags, judge, tags_key
+from dlpipe.quality.live import LiveStats
 from dlpipe.quality.metrics import QualityMetrics
 from dlpipe.quality.predlog import LogReader, PredictionLog
 from dlpipe.quality.summary import summarize
@@ -64,16 +65,6 @@ class VersionInfo:
         reference = accuracy.get("test/acc")
         names = list(served.preprocessing.class_names or [])
         return cls(names, profile, None if reference is None else float(reference))
-
-
-@dataclass(frozen=True)
-class FeedbackResult:
-    request_id: str
-    outcome: str
-    """`correct`, `incorrect`, `unknown` (no logged prediction with this id: never made, not
-    sampled, or forgotten), `duplicate` (already labeled) or `invalid_label`."""
-    model_version: str | None = None
-    predicted: str | None = None
 
 
 def top_k(logits: np.ndarray, names: list[str], k: int) -> list[dict[str, Any]]:
@@ -267,33 +258,12 @@ class QualityMonitor:
 
     def _label(self, request_id: str, label: str | int) -> FeedbackResult:
         prediction = self.live.lookup(request_id)
-        if prediction is None:
-            return FeedbackResult(request_id, "unknown")
-        version = prediction.model_version
-        if self.live.is_labeled(request_id):
-            return FeedbackResult(request_id, "duplicate", version, prediction.label)
-        info = self._info(version)
-        names = info.class_names if info is not None else []
-        if isinstance(label, int):
-            if label < 0 or (names and label >= len(names)):
-                return FeedbackResult(request_id, "invalid_label", version, prediction.label)
-            label = names[label] if names else str(label)
-        elif names and label not in names:
-            return FeedbackResult(request_id, "invalid_label", version, prediction.label)
-        correct = label == prediction.label
-        record = {
-            "type": "feedback",
-            "ts": time.time(),
-            "request_id": request_id,
-            "model_version": version,
-            "label": label,
-            "predicted": prediction.label,
-            "correct": correct,
-        }
-        self.live.ingest(record)
-        self.log.submit(("f", record))
-        outcome = "correct" if correct else "incorrect"
-        return FeedbackResult(request_id, outcome, version, prediction.label)
+        info = None if prediction is None else self._info(prediction.model_version)
+        result, record = judge(self.live, info.class_names if info else None, request_id, label)
+        if record is not None:
+            self.live.ingest(record)
+            self.log.submit(("f", record))  # never sampled out: labels are scarce
+        return result
 
     # ------------------------------------------------------------------ maintenance
     def start(self) -> None:
@@ -357,29 +327,10 @@ class QualityMonitor:
         assert self.publish is not None
         for version in self.served_versions():
             stats = self.live.stats(version)
-            if stats.accuracy is None or self._published.get(version) == _key(stats):
+            if stats.accuracy is None or self._published.get(version) == tags_key(stats):
                 continue
             try:
                 self.publish(version, accuracy_tags(stats, self.window))
-                self._published[version] = _key(stats)
+                self._published[version] = tags_key(stats)
             except Exception as err:
                 log.warning("online accuracy tags for version %s not set: %r", version, err)
-
-
-def _key(stats: VersionStats) -> tuple[int, int]:
-    return (stats.labeled, stats.correct)
-
-
-def accuracy_tags(stats: VersionStats, window: int) -> dict[str, str]:
-    """The MLflow model-version tags of a version's online accuracy."""
-    import json
-
-    return {
-        "dlpipe.online_accuracy": f"{stats.accuracy:.6f}",
-        "dlpipe.online_accuracy_labeled": str(stats.labeled),
-        "dlpipe.online_accuracy_window": str(window),
-        "dlpipe.online_class_accuracy": json.dumps(
-            {c: round(v, 6) for c, v in sorted(stats.class_accuracy.items())}
-        ),
-        "dlpipe.online_accuracy_updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }

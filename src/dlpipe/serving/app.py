@@ -6,6 +6,7 @@ uvicorn.run(app)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,8 @@ from dlpipe.serving.inputs import UploadPolicy
 from dlpipe.serving.manager import ModelManager, freeze_startup_heap
 from dlpipe.serving.middleware import RequestContextMiddleware
 from dlpipe.serving.openapi import served_openapi
-from dlpipe.serving.routes import health, metrics, models, predict, v2
+from dlpipe.serving.quality import build_monitor
+from dlpipe.serving.routes import feedback, health, metrics, models, predict, v2
 from dlpipe.serving.security import Guard
 from dlpipe.serving.settings import ServeSettings, get_settings
 from dlpipe.serving.sources import LocalSource, ModelSource, RegistrySource
@@ -96,6 +98,12 @@ def _install_error_handlers(app: FastAPI, collector: MetricsCollector) -> None:
         )
 
 
+def _served_versions(manager: ModelManager) -> dict[str, Any]:
+    """The versions routing uses now (read from the quality threads: one immutable snapshot)."""
+    state = manager.state
+    return dict(state.models) if state is not None else {}
+
+
 def _first_ready(worker: WorkerInfo | None) -> None:
     freeze_startup_heap()
     if worker is not None:
@@ -159,12 +167,20 @@ def create_app(
             on_first_ready=lambda: _first_ready(worker),
         )
         app.state.manager = manager
+        # Prediction log, feedback join, online accuracy and drift (dlpipe.quality).
+        quality = build_monitor(
+            settings, collector, lambda: _served_versions(manager), manager.source, worker
+        )
+        app.state.quality = quality
+        quality.start()
         manager.start()
         lag.start()
         try:
             yield
         finally:
             await manager.stop()
+            # After the manager: every answered request's record is queued by now.
+            await asyncio.to_thread(quality.close)
             await lag.stop()
             gpu.stop()
             decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -180,6 +196,7 @@ def create_app(
     app.state.admission = admission
     app.state.guard = guard
     app.state.worker = worker
+    app.state.quality = None  # set when the lifespan starts
     app.state.tracer = request_tracer(settings.tracing, tracer_provider)
     app.state.upload_policy = UploadPolicy(
         settings.image_formats, settings.max_image_pixels, settings.max_text_chars
@@ -188,7 +205,7 @@ def create_app(
     # while any override is set (several times the cost of our whole request path).
     _install_error_handlers(app, collector)
     app.openapi = lambda: served_openapi(app)  # type: ignore[method-assign]
-    for module in (predict, health, metrics, models, v2):
+    for module in (predict, health, metrics, models, v2, feedback):
         app.include_router(module.router)
     app.add_middleware(
         RequestContextMiddleware,

@@ -58,7 +58,7 @@ async def infer(
     tracer = getattr(request.app.state, "tracer", None)
     for _attempt in range(3):
         state = manager.state
-        served, _route = manager.route(version, request_key)
+        served, route = manager.route(version, request_key)
         decode_started = now_ns() if tracer is not None else 0
         if prepared.pool is None:
             samples = prepared.make_samples(served)
@@ -87,6 +87,7 @@ async def infer(
                 f.cancel()
             raise
         request.state.model_version = served.version
+        request.state.route = route  # why this version (the prediction log records it)
         ticket = getattr(request.state, "admission", None)
         if ticket is not None:
             ticket.queued()  # no longer on its way: a batcher may stop waiting for it

@@ -131,6 +131,25 @@ class ServeSettings(BaseSettings):
     """Level of the JSON log lines on stderr."""
     access_log: bool = True
     """One JSON log line per request."""
+    prediction_log_dir: str | None = None
+    """Directory of the prediction log (JSON Lines, one line per prediction, failure and
+    feedback label; kept across restarts); the workers of `--workers N` share it. None: the
+    quality statistics (online accuracy, drift) are kept in memory only."""
+    prediction_log_sample: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of requests recorded, chosen by a hash of the request id (an id is always in or
+    out); online accuracy and drift are computed from the recorded ones. 0: none."""
+    prediction_log_max_mb: float = Field(64.0, gt=0.0)
+    """A log file is rotated (a new one started) beyond this size, in MB."""
+    prediction_log_max_files: int = Field(0, ge=0)
+    """Log files kept in the directory (the oldest are deleted); 0: all."""
+    prediction_log_buffer: int = Field(10_000, ge=1)
+    """Records waiting for the log's writer thread; beyond it they are dropped and counted
+    (`dlpipe_prediction_log_dropped_total`), never waited for."""
+    quality_window: int = Field(1000, ge=10)
+    """Sliding window per version: its last N served inputs for drift, its last N labeled
+    predictions for online accuracy."""
+    quality_tags_interval_s: float = Field(60.0, gt=0.0)
+    """How often online accuracy is written to the registry as model-version tags."""
 
     @property
     def loop_lag_limit_s(self) -> float:

@@ -19,8 +19,9 @@ from dlpipe.serving.deps import (
     routing_of,
 )
 from dlpipe.serving.dispatch import Prepared, infer, responding
-from dlpipe.serving.errors import InvalidRequest, UnsupportedMediaType
+from dlpipe.serving.errors import InvalidRequest, ServingError, UnsupportedMediaType
 from dlpipe.serving.inputs import INLINE_DECODE_PIXELS, Sample, loads
+from dlpipe.serving.quality import Capture, observe_error, observe_prediction
 from dlpipe.serving.served import ServedModel
 
 router = APIRouter(tags=["predict"], responses=error_responses(*INFERENCE_ERRORS))
@@ -123,16 +124,19 @@ async def _read_payload(
     )
 
 
-def _prepare(request: Request, kind: str, payloads: list[Any], names: list[str]) -> Prepared:
+def _prepare(
+    request: Request, kind: str, payloads: list[Any], names: list[str]
+) -> tuple[Prepared, list[int] | None]:
     """Check the payloads against the upload policy (before any decoding) and say how to turn
-    them into samples for whichever version routing picks."""
+    them into samples for whichever version routing picks; the images' pixel counts."""
     policy = request.app.state.upload_policy
-    pixels = 0
+    sizes: list[int] = []
     for payload, name in zip(payloads, names, strict=True):
         if kind == "image":
-            pixels += policy.image_pixels(payload, name)
+            sizes.append(policy.image_pixels(payload, name))
         else:
             policy.check_text(payload, name)
+    pixels = sum(sizes)
 
     def make_samples(served: ServedModel) -> list[Sample]:
         if kind == "image":
@@ -140,7 +144,24 @@ def _prepare(request: Request, kind: str, payloads: list[Any], names: list[str])
         return [served.decoder.text(p, n) for p, n in zip(payloads, names, strict=True)]
 
     offload = kind == "image" and pixels > INLINE_DECODE_PIXELS
-    return Prepared(make_samples, request.app.state.decode_pool if offload else None)
+    prepared = Prepared(make_samples, request.app.state.decode_pool if offload else None)
+    return prepared, sizes if kind == "image" else None
+
+
+async def _infer(
+    request: Request, kind: str, payloads: list[Any], names: list[str]
+) -> tuple[ServedModel, list[Any], Capture, list[int] | None]:
+    """Prepare, route and infer; a failure on a chosen version goes to the quality log."""
+    prepared, sizes = _prepare(request, kind, payloads, names)
+    capture = Capture(prepared)
+    try:
+        served, logits = await infer(
+            request, manager_of(request), *routing_of(request), capture.prepared
+        )
+    except ServingError as err:
+        observe_error(request, err)
+        raise
+    return served, logits, capture, sizes
 
 
 def _response(request: Request, served: ServedModel, predictions: Any) -> dict[str, Any]:
@@ -159,25 +180,27 @@ def _response(request: Request, served: ServedModel, predictions: Any) -> dict[s
 @router.post("/predict", openapi_extra=_body_doc("file", many=False))
 async def predict(request: Request) -> JSONResponse:
     """Classify one uploaded image (`file`) or one text (`{"text": ...}`): top-k labels."""
-    manager = manager_of(request)
+    manager_of(request)
     kind, payloads, names = await _read_payload(request, "file", "text", 1)
-    prepared = _prepare(request, kind, payloads, names)
-    served, logits = await infer(request, manager, *routing_of(request), prepared)
+    served, logits, capture, sizes = await _infer(request, kind, payloads, names)
     with responding(request):
         k = request.app.state.settings.top_k
-        return JSONResponse(_response(request, served, served.top_k(logits[0], k)))
+        answer = served.top_k(logits[0], k)
+        observe_prediction(request, served, logits, capture.samples, sizes, [answer])
+        return JSONResponse(_response(request, served, answer))
 
 
 @router.post("/predict/batch", openapi_extra=_body_doc("files", many=True))
 async def predict_batch(request: Request) -> JSONResponse:
     """Classify many uploaded images (`files`) or texts (`{"texts": [...]}`), in order."""
-    manager = manager_of(request)
+    manager_of(request)
     limit = request.app.state.settings.max_batch_items
     kind, payloads, names = await _read_payload(request, "files", "texts", limit)
-    prepared = _prepare(request, kind, payloads, names)
-    served, logits = await infer(request, manager, *routing_of(request), prepared)
+    served, logits, capture, sizes = await _infer(request, kind, payloads, names)
     with responding(request):
         k = request.app.state.settings.top_k
-        body = _response(request, served, [served.top_k(row, k) for row in logits])
+        answers = [served.top_k(row, k) for row in logits]
+        observe_prediction(request, served, logits, capture.samples, sizes, answers)
+        body = _response(request, served, answers)
         body["inputs"] = names
         return JSONResponse(body)

@@ -36,6 +36,7 @@ from dlpipe.serving.oip import (
     encode_response,
     parse_request,
 )
+from dlpipe.serving.quality import Capture, observe_error, observe_prediction
 from dlpipe.serving.served import ServedModel
 
 router = APIRouter(
@@ -155,13 +156,19 @@ async def _infer(
     parsed = parse_request(
         await request.body(), request.headers.get("inference-header-content-length")
     )
-    served, logits = await infer(request, manager, version, key, _samples(parsed))
-    with responding(request):
-        outputs, binary = _outputs(parsed, served, np.stack(logits))
-        body, headers = encode_response(
-            served.model_name, served.version, outputs, binary, parsed.id
-        )
-        return Response(body, headers=headers)
+    capture = Capture(_samples(parsed))
+    try:
+        served, logits = await infer(request, manager, version, key, capture.prepared)
+        with responding(request):
+            outputs, binary = _outputs(parsed, served, np.stack(logits))
+            body, headers = encode_response(
+                served.model_name, served.version, outputs, binary, parsed.id
+            )
+            observe_prediction(request, served, logits, capture.samples)
+            return Response(body, headers=headers)
+    except ServingError as err:
+        observe_error(request, err)  # on a chosen version: its error rate
+        raise
 
 
 @router.get("")
