@@ -32,6 +32,11 @@ COMMANDS: dict[str, Command] = {
     "registry": Command(
         "dlpipe.tracking.cli", "serve", "list, show, promote, A/B split and roll back versions"
     ),
+    "import": Command(
+        "dlpipe.importer",
+        "train",
+        "register a model trained elsewhere (.keras, SavedModel, .onnx, TorchScript)",
+    ),
     "optimize": Command(
         "dlpipe.optimize.cli", "train", "ONNX export, INT8/FP16 quantization, pruning, TensorRT"
     ),
