@@ -405,6 +405,7 @@ def _log_unregistered(ctx: _Context, results: list[VariantResult]) -> None:
 
 def _register(ctx: _Context, target: str, precision: str, path: Path, v: VariantResult) -> str:
     """Package the variant as an MLflow model and register it from its own child run."""
+    from dlpipe.quality.profile import inherit_profile
     from dlpipe.tracking.metadata import ModelMetadata
     from dlpipe.tracking.package import save_model_package
     from dlpipe.tracking.runs import end_variant_run, start_variant_run
@@ -430,6 +431,8 @@ def _register(ctx: _Context, target: str, precision: str, path: Path, v: Variant
         format_details=details,
     )
     package = save_model_package(ctx.work / f"package-{target}", ctx.cfg, meta, onnx_path=path)
+    # Same inputs as its parent: the variant is compared with the parent's drift profile.
+    inherit_profile(ctx.registry.get_model(ctx.name, parent.version), package)
     v.run_id = start_variant_run(ctx.registry, ctx.name, parent, v.to_dict(), ctx.max_drop)
     try:
         version = str(

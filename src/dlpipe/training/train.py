@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from dlpipe.config import PipelineConfig
+from dlpipe.quality.profile import save_training_profile
 from dlpipe.tracking.experiment import ExperimentTracker
 from dlpipe.tracking.metadata import ModelMetadata, utc_now
 from dlpipe.tracking.package import save_model_package
@@ -236,6 +237,10 @@ def _train_tracked(
         )
         package_dir = Path(cfg.training.checkpoint_dir) / run_id / "model"
         save_model_package(package_dir, package_cfg, metadata, net=model.net)
+        # What the server compares live traffic with (drift): the held-out inputs and the
+        # classes predicted on the test split (the confusion matrix's columns).
+        confusion = model.test_confusion.compute().cpu().numpy()
+        save_training_profile(package_dir, datamodule, confusion)
         version = None
         if cfg.tracking.register_model:
             version = register_package(tracker, package_dir, metadata)
