@@ -64,9 +64,9 @@ def test_a_full_buffer_drops_and_counts_instead_of_waiting(tmp_path: Path) -> No
     release = threading.Event()
     drops: list[tuple[str, int]] = []
 
-    def slow(item: Any) -> list[dict[str, Any]]:
+    def slow(items: list[Any]) -> list[dict[str, Any]]:
         release.wait(10)
-        return [item]
+        return list(items)
 
     log = PredictionLog(
         tmp_path, prepare=slow, capacity=10, on_dropped=lambda r, n: drops.append((r, n))
@@ -84,10 +84,10 @@ def test_a_full_buffer_drops_and_counts_instead_of_waiting(tmp_path: Path) -> No
 
 
 def test_a_bad_item_is_counted_and_the_rest_written(tmp_path: Path) -> None:
-    def prepare(item: Any) -> list[dict[str, Any]]:
-        if item == "bad":
+    def prepare(items: list[Any]) -> list[dict[str, Any]]:
+        if "bad" in items:  # the batch fails, then each item alone: only "bad" is lost
             raise ValueError("cannot summarize")
-        return [item]
+        return list(items)
 
     log = PredictionLog(tmp_path, prepare=prepare)
     for item in ({"a": 1}, "bad", {"b": 2}):

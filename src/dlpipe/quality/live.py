@@ -105,7 +105,9 @@ class LiveStats:
         self.index_size = index_size
         self._lock = threading.Lock()
         self._versions: OrderedDict[str, _Window] = OrderedDict()
-        self._index: OrderedDict[str, Prediction] = OrderedDict()
+        # Plain tuples of strings and ints: the garbage collector stops tracking them, so a
+        # full collection does not walk 200,000 remembered predictions (a latency spike).
+        self._index: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._labeled: OrderedDict[str, None] = OrderedDict()
 
     @classmethod
@@ -153,7 +155,7 @@ class LiveStats:
         top = r["top_k"][0]
         version = r["model_version"]
         self._requests(version).append((r["ts"], r["latency_ms"], int(r["status"]), top["label"]))
-        self._index[r["request_id"]] = Prediction(version, top["label"], int(top["class_index"]))
+        self._index[r["request_id"]] = (version, top["label"], int(top["class_index"]))
         if len(self._index) > self.index_size:
             self._index.popitem(last=False)
 
@@ -171,7 +173,8 @@ class LiveStats:
     def lookup(self, request_id: str) -> Prediction | None:
         """The logged prediction of `request_id` (None: unknown or forgotten)."""
         with self._lock:
-            return self._index.get(request_id)
+            entry = self._index.get(request_id)
+        return None if entry is None else Prediction(*entry)
 
     def is_labeled(self, request_id: str) -> bool:
         with self._lock:

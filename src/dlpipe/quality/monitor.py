@@ -34,7 +34,7 @@ from dlpipe.quality.feedback import FeedbackResult, accuracy_tags, judge, tags_k
 from dlpipe.quality.live import LiveStats
 from dlpipe.quality.metrics import QualityMetrics
 from dlpipe.quality.predlog import LogReader, PredictionLog
-from dlpipe.quality.summary import summarize
+from dlpipe.quality.summary import summarize_many
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, dict[str, str]], None]
@@ -180,34 +180,49 @@ class QualityMonitor:
             self.log.submit(("e", record))
 
     # ------------------------------------------------------------------ writer thread
-    def _prepare(self, item: tuple[Any, ...]) -> list[dict[str, Any]]:
-        if item[0] == "f":
-            return [item[1]]  # feedback: already in the windows
-        records = [item[1]] if item[0] == "e" else self._predictions(*item[1:])
-        self._ingest(records)
+    def _prepare(self, items: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """Log records of the items queued since the last drain, in order."""
+        predictions = [item for item in items if item[0] == "p"]
+        summaries = iter(self._summaries(predictions))
+        records: list[dict[str, Any]] = []
+        fresh: list[dict[str, Any]] = []  # feedback is already in the windows
+        for item in items:
+            if item[0] == "p":
+                batch = self._predictions(item, next(summaries))
+                records.extend(batch)
+                fresh.extend(batch)
+            else:
+                records.append(item[1])
+                if item[0] == "e":
+                    fresh.append(item[1])
+        self._ingest(fresh)
         return records
 
+    def _summaries(self, items: list[tuple[Any, ...]]) -> list[list[dict[str, float]]]:
+        """Input summaries of every prediction item, computed together (`summarize_many`)."""
+        inputs = []
+        counts = []
+        for item in items:
+            served, logits, samples, pixels = item[3], item[4], item[8], item[9]
+            if samples is None:
+                counts.append(0)
+                continue
+            info = self._info(served.version, served) or VersionInfo.of(served)
+            table = info.profile.table if info.profile is not None else None
+            counts.append(len(logits))
+            for i in range(len(logits)):
+                inputs.append((samples[i], pixels[i] if pixels else None, table))
+        flat = iter(summarize_many(inputs))
+        return [[next(flat) for _ in range(n)] for n in counts]
+
     def _predictions(
-        self,
-        ts: float,
-        request_id: str,
-        served: Any,
-        logits: list[np.ndarray],
-        latency_ms: float,
-        route: str,
-        endpoint: str,
-        samples: list[Any] | None,
-        pixels: list[int] | None,
-        answers: list[list[dict[str, Any]]] | None,
+        self, item: tuple[Any, ...], summaries: list[dict[str, float]]
     ) -> list[dict[str, Any]]:
+        _, ts, request_id, served, logits, latency_ms, route, endpoint, _, _, answers = item
         info = self._info(served.version, served) or VersionInfo.of(served)
-        table = info.profile.table if info.profile is not None else None
         many = len(logits) > 1
         records = []
         for i, row in enumerate(logits):
-            summary = {}
-            if samples is not None:
-                summary = summarize(samples[i], pixels[i] if pixels else None, table)
             records.append(
                 {
                     "type": "prediction",
@@ -221,7 +236,7 @@ class QualityMonitor:
                     "status": 200,
                     "latency_ms": round(latency_ms, 3),
                     "top_k": answers[i] if answers else top_k(row, info.class_names, self.k),
-                    "input": summary,
+                    "input": summaries[i] if summaries else {},
                 }
             )
         return records

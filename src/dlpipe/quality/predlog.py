@@ -34,11 +34,12 @@ SUFFIX = ".jsonl"
 INACTIVE_S = 600.0
 """A writer's newest file is deleted by retention only after it has been idle this long."""
 
-Prepare = Callable[[Any], list[dict[str, Any]]]
+Prepare = Callable[[list[Any]], list[dict[str, Any]]]
+"""Turns the items queued since the last drain into log records (in one go: vectorized)."""
 
 
-def _identity(item: Any) -> list[dict[str, Any]]:
-    return [item]
+def _identity(items: list[Any]) -> list[dict[str, Any]]:
+    return list(items)
 
 
 class PredictionLog:
@@ -126,19 +127,23 @@ class PredictionLog:
 
     def _drain(self) -> None:
         with self._drain_lock:  # the writer thread, or flush() from another one
-            lines: list[str] = []
-            while self._queue:
-                item = self._queue.popleft()
+            items = [self._queue.popleft() for _ in range(len(self._queue))]
+            if not items:
+                records = []
+            else:
                 try:
-                    records = self.prepare(item)
-                    if self.directory is not None:
-                        lines.extend(json.dumps(r, separators=(",", ":")) for r in records)
-                except Exception:  # one bad item must not stop the log
-                    log.exception("prediction log: could not build a record")
-                    self.dropped += 1
-                    self.on_dropped("error", 1)
-            if lines:
-                self._write(lines)
+                    records = self.prepare(items)
+                except Exception:  # one bad item must not lose the others: one at a time
+                    records = []
+                    for item in items:
+                        try:
+                            records.extend(self.prepare([item]))
+                        except Exception:
+                            log.exception("prediction log: could not build a record")
+                            self.dropped += 1
+                            self.on_dropped("error", 1)
+            if records and self.directory is not None:
+                self._write([json.dumps(r, separators=(",", ":")) for r in records])
             if self._file is not None and time.monotonic() - self._synced_at > 1.0:
                 self._sync()
 

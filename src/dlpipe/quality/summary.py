@@ -78,15 +78,39 @@ def summarize(sample: Any, pixels: int | None, table: np.ndarray | None) -> dict
     `pixels`: the uploaded image's width x height (None: the tensor's own H x W, as for a
     tensor sent to /v2). Rounded: these go into every log line.
     """
-    if isinstance(sample, dict):
-        ids = np.asarray(sample["input_ids"])[None]
-        mask = np.asarray(sample["attention_mask"])[None]
-        stats = text_statistics(ids, mask, table)
-    else:
-        array = np.asarray(sample)
-        size = pixels if pixels is not None else int(array.shape[-1] * array.shape[-2])
-        stats = image_statistics(array[None], [size])
-    return {
-        name: int(values[0]) if name in _COUNTS else round(float(values[0]), 5)
-        for name, values in stats.items()
-    }
+    return summarize_many([(sample, pixels, table)])[0]
+
+
+def summarize_many(
+    inputs: list[tuple[Any, int | None, np.ndarray | None]],
+) -> list[dict[str, float]]:
+    """`summarize` for many inputs at once: inputs of one shape (and vocabulary) are stacked
+    and summarized in one numpy call, a few microseconds each instead of tens."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (sample, _, table) in enumerate(inputs):
+        if isinstance(sample, dict):
+            key: tuple[Any, ...] = ("text", np.shape(sample["input_ids"]), id(table))
+        else:
+            key = ("image", np.shape(sample))
+        groups.setdefault(key, []).append(i)
+    out: list[dict[str, float]] = [{} for _ in inputs]
+    for key, members in groups.items():
+        if key[0] == "text":
+            table = inputs[members[0]][2]
+            ids = np.stack([inputs[i][0]["input_ids"] for i in members])
+            mask = np.stack([inputs[i][0]["attention_mask"] for i in members])
+            stats = text_statistics(ids, mask, table)
+        else:
+            batch = np.stack([inputs[i][0] for i in members])
+            h, w = batch.shape[-2:]
+            sizes = [int(inputs[i][1] or h * w) for i in members]
+            stats = image_statistics(batch, sizes)
+        columns = {
+            name: values.astype(np.int64).tolist()
+            if name in _COUNTS
+            else np.round(values, 5).tolist()
+            for name, values in stats.items()
+        }
+        for row, i in enumerate(members):
+            out[i] = {name: column[row] for name, column in columns.items()}
+    return out
