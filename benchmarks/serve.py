@@ -12,7 +12,8 @@ on that code under the same load, in the same run: before/after figures for a ch
 Scenarios: `cnn` (Fashion-MNIST CNN, 28x28 PNG uploads, 32 clients), `resnet` (ResNet-50
 224x224 JPEG uploads, INT8 variant, 1 and 8 clients), `overload` (open-loop arrivals at 2x what
 the server sustained, then 0.5x to show recovery), `rollback` (promotion then rollback in the
-MLflow registry during load). Models are untrained (speed does not depend on the weights) and
+MLflow registry during load), `workers`, `predlog` (the prediction log on against off, alternating
+in one run). Models are untrained (speed does not depend on the weights) and
 cached under --workdir. Prints one table per scenario and a JSON line per measurement.
 """
 
@@ -382,7 +383,61 @@ def scenario_workers(work: Path, duration: float) -> list[dict[str, Any]]:
     return rows
 
 
-def _requests_counted(server: Server) -> float:
+def scenario_predlog(work: Path, duration: float) -> list[dict[str, Any]]:
+    """Fashion-MNIST CNN, 32 clients on /predict: the prediction log on (every request recorded,
+    summarized and written to a directory) against off (`prediction_log_sample=0`: nothing
+    recorded), in one run, alternating off / on three times so slow drifts of a shared machine
+    hit both alike. Also counts the log's lines against the server's own count of 200 answers."""
+    import shutil
+
+    pkg = _cnn_package(work)
+    files = []
+    for seed in range(8):
+        (work / f"cnn{seed}.png").write_bytes(_png(seed))
+        files.append(work / f"cnn{seed}.png")
+    base = {"DLPIPE_MAX_BATCH_SIZE": "32", "DLPIPE_MAX_WAIT_MS": "2"}
+    print(f"\n== Prediction log on / off, Fashion-MNIST CNN, 32 clients, {os.cpu_count()} cores")
+    rows: list[dict[str, Any]] = []
+    for round_ in range(3):
+        for mode in ("off", "on"):
+            log_dir = work / "predlog"
+            shutil.rmtree(log_dir, ignore_errors=True)
+            env = {**base, "DLPIPE_PREDICTION_LOG_SAMPLE": "0"}
+            if mode == "on":
+                env = {**base, "DLPIPE_PREDICTION_LOG_DIR": str(log_dir)}
+            server = Server("dlpipe", ["--package", str(pkg)], env, work / f"predlog-{mode}.log")
+            try:
+                load(server.url, files, 32, 2.0)  # warm-up, not measured
+                result = load(server.url, files, 32, duration, "--warmup", "0")
+                answered = _requests_counted(server, status="200")
+            finally:
+                server.stop()  # the log is complete once the server has stopped
+            lines = 0
+            if mode == "on":
+                lines = sum(len(f.read_bytes().splitlines()) for f in log_dir.glob("*.jsonl"))
+            extra = f"  log lines {lines} of {answered:.0f} answered 200" if mode == "on" else ""
+            print(_row(f"round {round_ + 1}, log {mode}", result, extra))
+            row = {"scenario": "predlog", "round": round_ + 1, "log": mode, "ours": result}
+            row.update(answered_200=answered, log_lines=lines)
+            print(json.dumps(row))
+            rows.append(row)
+
+    def mean(mode: str, key: str) -> float:
+        return float(np.mean([r["ours"][key] for r in rows if r["log"] == mode]))
+
+    off, on = mean("off", "throughput_rps"), mean("on", "throughput_rps")
+    pairs = [
+        rows[i + 1]["ours"]["throughput_rps"] / max(rows[i]["ours"]["throughput_rps"], 1e-9)
+        for i in range(0, len(rows), 2)
+    ]
+    print(f"  mean req/s: off {off:.1f}, on {on:.1f} (on/off {on / max(off, 1e-9):.3f})")
+    print(f"  on/off per round: {', '.join(f'{p:.3f}' for p in pairs)}")
+    for key in ("p50_ms", "p99_ms"):
+        print(f"  mean {key}: off {mean('off', key):.2f}, on {mean('on', key):.2f}")
+    return rows
+
+
+def _requests_counted(server: Server, status: str | None = None) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(server.url + "/metrics", timeout=5).text
@@ -393,6 +448,7 @@ def _requests_counted(server: Server) -> float:
         # Requests shed at the door (before routing) are recorded as "unmatched".
         if s.name == "dlpipe_requests_total"
         and s.labels.get("endpoint") in ("/predict", "unmatched")
+        and status in (None, s.labels.get("status"))
     )
 
 
@@ -566,7 +622,9 @@ async def _switch_under_load(
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description="dlpipe serving benchmark")
     p.add_argument(
-        "--scenario", action="append", choices=["cnn", "resnet", "overload", "rollback", "workers"]
+        "--scenario",
+        action="append",
+        choices=["cnn", "resnet", "overload", "rollback", "workers", "predlog"],
     )
     p.add_argument("--workers", default="1,2", help="server process counts for `workers`")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
@@ -587,6 +645,7 @@ def main(argv: list[str]) -> int:
         "overload": scenario_overload,
         "rollback": scenario_rollback,
         "workers": scenario_workers,
+        "predlog": scenario_predlog,
     }
     for name in scenarios:
         runners[name](work, args.duration)
