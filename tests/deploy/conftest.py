@@ -7,10 +7,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dlpipe.monitoring.metrics import MetricsCollector
+from dlpipe.quality.live import VersionStats
+from dlpipe.quality.metrics import QualityMetrics
 
 # deploy_helpers.py (processes, configs) is imported by the test modules beside it.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,7 +45,8 @@ def metric_names_in(expr: str) -> set[str]:
 
 
 def exposed_sample_names() -> set[str]:
-    """Every sample name a MetricsCollector renders once each metric has a labelled child."""
+    """Every sample name the server renders (MetricsCollector and the quality metrics on its
+    registry) once each metric has a labelled child."""
     c = MetricsCollector()
     c.record_latency(3.0, endpoint="predict", model_version="1")
     c.record_error("invalid_input")
@@ -53,6 +57,14 @@ def exposed_sample_names() -> set[str]:
     c.record_gpu_memory(1, 2)
     c.set_model_info("m", "1")
     c.record_throughput(1.0)
+    # The quality metrics live on the same registry in the server (dlpipe.quality).
+    q = QualityMetrics(c.registry)
+    q.log_written.inc()
+    q.feedback.labels("1", "correct").inc()
+    stats = VersionStats("1", 1, np.array([1.0]), {200: 1}, {"a": 1}, 1, 1, {"a": 1}, {"a": 1})
+    q.begin()
+    q.show("1", stats, {"mean_intensity": 0.1}, 1, 0.9)
+    q.hide_others()
     with c.track_in_flight():
         body = c.render()[0].decode()
     return {s.name for f in text_string_to_metric_families(body) for s in f.samples}

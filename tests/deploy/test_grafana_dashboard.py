@@ -101,3 +101,29 @@ def test_dashboard_error_ratio_is_the_one_that_pages(dashboard: dict[str, Any]) 
     expected = " ".join(record["expr"].split()).replace("[5m]", "[$__rate_interval]")
     exprs = [" ".join(e.split()) for _, e in _exprs(dashboard)]
     assert expected in exprs
+
+
+def test_dashboard_shows_model_quality(dashboard: dict[str, Any]) -> None:
+    """Online accuracy beside the test accuracy the alert compares it with, drift scores with
+    the alerts' threshold drawn, feedback outcomes and the prediction log's drops."""
+    by_title = {p["title"]: p for p in dashboard["panels"]}
+    exprs = {title: [t["expr"] for t in p["targets"]] for title, p in by_title.items()}
+    accuracy = exprs["Online accuracy by model version"]
+    assert "max by (model_version) (dlpipe_online_accuracy)" in accuracy
+    assert "max by (model_version) (dlpipe_reference_accuracy)" in accuracy
+    assert exprs["Online accuracy by true class"] == [
+        "max by (model_version, class) (dlpipe_online_class_accuracy)"
+    ]
+    drift = by_title["Drift score (PSI) by statistic"]
+    assert exprs[drift["title"]] == ["max by (model_version, statistic) (dlpipe_drift_score)"]
+    rules = yaml.safe_load((GRAFANA.parent / "prometheus" / "alerts.yml").read_text())
+    (rule,) = [
+        r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "DlpipeInputDrift"
+    ]
+    threshold = float(rule["expr"].rsplit(">", 1)[1])
+    steps = drift["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[-1]["value"] == threshold  # the line on the panel is the alert's
+    assert any("dlpipe_feedback_total" in e for e in exprs["Feedback labels by outcome"])
+    log = " ".join(exprs["Prediction log: records written and dropped"])
+    assert "dlpipe_prediction_log_written_total" in log
+    assert "dlpipe_prediction_log_dropped_total" in log

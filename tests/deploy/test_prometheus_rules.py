@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -71,6 +72,64 @@ def test_rule_unit_tests_catch_a_broken_threshold(tmp_path) -> None:
     assert "DlpipeHighErrorRate" in result.stdout + result.stderr
 
 
+def _quality_rule(name: str) -> dict[str, Any]:
+    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
+    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == name]
+    return rule
+
+
+def _with_rule(name: str, **changes: Any) -> str:
+    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") == name:
+                rule.update(changes)
+    return yaml.safe_dump(rules)
+
+
+# Each quality alert's unit tests fail when its rule is broken: a threshold too high (the
+# firing case), no `for` or a threshold too low (the silent ones), no minimum label count.
+BROKEN_QUALITY_RULES = {
+    "drift threshold 2.5": ("DlpipeInputDrift", "> 0.25", "> 2.5"),
+    "drift threshold 0.01": ("DlpipeInputDrift", "> 0.25", "> 0.01"),
+    "input drift counts predicted classes": (
+        "DlpipeInputDrift",
+        '{statistic!="predicted_class"}',
+        "",
+    ),
+    "prediction drift threshold 2.5": ("DlpipePredictionDrift", "> 0.25", "> 2.5"),
+    "accuracy margin 0.5": ("DlpipeOnlineAccuracyDrop", "- 0.05", "- 0.5"),
+    "accuracy without a label minimum": ("DlpipeOnlineAccuracyDrop", ">= 200", ">= 0"),
+    "log drops never": ("DlpipePredictionLogDropping", "> 0", "> 100"),
+}
+
+
+@needs_promtool
+@pytest.mark.parametrize("broken", sorted(BROKEN_QUALITY_RULES))
+def test_quality_rule_tests_catch_a_broken_rule(broken: str, tmp_path: Path) -> None:
+    name, old, new = BROKEN_QUALITY_RULES[broken]
+    expr = _quality_rule(name)["expr"]
+    assert old in expr, (name, expr)
+    result = _rule_tests_with(_with_rule(name, expr=expr.replace(old, new)), tmp_path)
+    assert result.returncode != 0, result.stdout
+    assert name in result.stdout + result.stderr
+
+
+@needs_promtool
+@pytest.mark.parametrize("name", ["DlpipeInputDrift", "DlpipeOnlineAccuracyDrop"])
+def test_quality_alerts_need_sustained_evidence(name: str, tmp_path: Path) -> None:
+    """Without `for`, a 5-minute burst or a young shift would page: the silent cases say so."""
+    rule = _quality_rule(name)
+    assert rule["for"] in ("10m", "15m")
+    broken = {k: v for k, v in rule.items() if k != "for"}
+    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        group["rules"] = [broken if r.get("alert") == name else r for r in group["rules"]]
+    result = _rule_tests_with(yaml.safe_dump(rules), tmp_path)
+    assert result.returncode != 0, result.stdout
+    assert name in result.stdout + result.stderr
+
+
 SERVER_ERRORS = 'status=~"5.."'
 ANSWERED = 'status!~"4.."'
 # Rules that would let a scanner page on-call: every error counted, or every non-2xx answer.
@@ -125,6 +184,10 @@ def test_rule_tests_cover_every_alert_firing_and_silent() -> None:
         "DlpipeHighP95Latency",
         "DlpipeDown",
         "DlpipeQueueSaturated",
+        "DlpipeInputDrift",
+        "DlpipePredictionDrift",
+        "DlpipeOnlineAccuracyDrop",
+        "DlpipePredictionLogDropping",
     }
     tests = yaml.safe_load((PROM_DIR / "alerts_test.yml").read_text())
     cases = [c for t in tests["tests"] for c in t.get("alert_rule_test", [])]
