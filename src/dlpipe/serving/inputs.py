@@ -187,7 +187,9 @@ def softmax_top_k(
     probs = np.exp(z)
     probs /= probs.sum()
     k = min(k, probs.shape[0])
-    order = np.argsort(-probs)[:k]
+    # Stable: tied classes (INT8 logits sit on a grid, so exact ties happen) rank by index, as
+    # argmax does in training and optimize; the default sort picked either of them.
+    order = np.argsort(-probs, kind="stable")[:k]
     return [
         {
             "label": class_names[i] if class_names and i < len(class_names) else str(int(i)),
