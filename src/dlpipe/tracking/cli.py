@@ -37,6 +37,7 @@ from dlpipe.cli_support import (
     run_command,
 )
 from dlpipe.routing import ABTestConfig, ab_config_to_dict
+from dlpipe.tracking.canary_cli import CanaryRolledBack, add_canary_parser, run_canary
 
 Render = Callable[[Console], None]
 
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, dest="to_version")
     p = sub.add_parser("history", parents=[common], help="audit trail of alias and A/B changes")
     p.add_argument("name")
+    add_canary_parser(sub, [common, waiting], _seconds)
     return parser
 
 
@@ -113,7 +115,10 @@ def _job(args: argparse.Namespace) -> Outcome:
 
     _quiet_mlflow()  # after importing mlflow, which sets its own log levels
     registry = ModelRegistry(args.tracking_uri)
-    result, render = _COMMANDS[args.command](registry, args)
+    try:
+        result, render = _COMMANDS[args.command](registry, args)
+    except CanaryRolledBack as err:  # a report, and a failed job
+        return Outcome(err.result, lambda console: None, EXIT_FAILED, str(err))
     if getattr(args, "wait", False):
         return _wait_applied(registry, args, result, render)
     return Outcome(result, render)
@@ -268,6 +273,7 @@ _COMMANDS = {
     "ab": _cmd_ab,
     "rollback": _cmd_rollback,
     "history": _cmd_history,
+    "canary": run_canary,
 }
 
 

@@ -183,14 +183,19 @@ class ModelRegistry(RegistryReader):
         check_name(name)
         return str(self._new_run(name, run_name, parent_run_id, tags).info.run_id)
 
+    def audit(self, name: str, action: str, from_value: Any, to_value: Any, **detail: Any) -> None:
+        """Append an entry to the audit trail that changes no routing (e.g. a canary's analysis,
+        with its statistics in `detail`)."""
+        key, value, _ = audit_entry(action, from_value, to_value, **detail)
+        retry_locked(lambda: self.client.set_registered_model_tag(name, key, value))
+
     # ---- internals -----------------------------------------------------------------------
 
     def _record(
         self, name: str, action: str, from_value: Any, to_value: Any, **detail: Any
     ) -> bool:
         """Append an audit entry, then publish the routing change; False without a signal."""
-        key, value, _ = audit_entry(action, from_value, to_value, **detail)
-        retry_locked(lambda: self.client.set_registered_model_tag(name, key, value))
+        self.audit(name, action, from_value, to_value, **detail)
         return self.routing.publish(name)
 
     def _add_mlflow_model(self, package: Path, run_id: str, path: str) -> None:
