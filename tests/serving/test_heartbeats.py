@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from serving_helpers import make_biased_package, random_png, ready_client
 
 from dlpipe.routing import Heartbeat, RoutingPlan, RoutingState
-from dlpipe.serving import ServeSettings, create_app
+from dlpipe.serving import ServeSettings, create_app, heartbeats
 from dlpipe.serving.heartbeats import interval_for
 from dlpipe.serving.sources import LocalSource
 
@@ -34,8 +34,13 @@ class ReportingSource(LocalSource):
         self.watched: list[asyncio.Future[Any]] = []
         self.written = threading.Event()
         self.down = False
+        self.hang: threading.Event | None = None
+        self.calls = 0
 
     def report_heartbeat(self, heartbeat: Heartbeat) -> None:
+        self.calls += 1
+        if self.hang is not None:
+            self.hang.wait(30.0)  # a registry that does not answer
         if self.down:
             raise ConnectionError("registry down")
         answered = all(f.done() for f in self.watched)
@@ -55,6 +60,13 @@ def app_and_source(serving_root: Path, base_onnx: Path) -> Iterator[tuple[TestCl
     with ready_client(create_app(cfg, source=source)) as client:
         yield client, source
     assert source.withdrawn == [source.reports[-1][0].server_id]  # a clean stop says goodbye
+
+
+def _answer_version(client: TestClient) -> str:
+    png = random_png(np.random.default_rng(1))
+    r = client.post("/predict", files={"file": ("x.png", png, "image/png")})
+    assert r.status_code == 200, r.text
+    return str(r.json()["model_version"])
 
 
 def _wait_for(event: threading.Event) -> None:
@@ -82,24 +94,21 @@ def test_a_switch_is_reported_after_the_old_version_drained(
     old.engine.predict_batch = slow
     sample = old.decoder.image(random_png(np.random.default_rng(0)))
 
-    async def queue_then_switch() -> float:
+    async def queue_then_switch() -> None:
         source.watched = [asyncio.ensure_future(old.infer(sample, 10.0)) for _ in range(6)]
         await asyncio.sleep(0.01)  # the first batch is running, the others wait for it
         source.set_plan("1")
-        switched = time.monotonic()
         await manager.refresh()  # loads version 1, then switches (in the load or here)
         assert manager.state.plan.state.champion == "1"
         assert not all(f.done() for f in source.watched)  # switched while they were queued
-        return switched
 
     assert client.portal is not None
-    switched = client.portal.call(queue_then_switch)
+    client.portal.call(queue_then_switch)
     _wait_for(source.written)
     beat, answered = source.reports[-1]
     assert beat.digest == RoutingPlan("fashion", RoutingState(champion="1")).digest
     assert beat.generation == 2 and beat.plan is not None and beat.plan["champion"] == "1"
     assert answered, "reported before the version routed away from had answered its queue"
-    assert time.monotonic() - switched >= SLOW_S
     assert [int(np.argmax(f.result())) for f in source.watched] == [5] * 6  # version 2's
 
     models = client.get("/models").json()
@@ -127,3 +136,31 @@ def test_a_failing_write_is_shown_and_serving_goes_on(
     assert models["heartbeat"]["error"] == "heartbeat not written (ConnectionError)"
     assert models["routing"]["champion"] == "1"  # routing switched all the same
     source.down = False
+
+
+def test_a_hanging_registry_holds_one_thread_not_more(
+    app_and_source: tuple[TestClient, ReportingSource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, source = app_and_source
+    _wait_for(source.written)
+    monkeypatch.setattr(heartbeats, "WRITE_TIMEOUT_S", 0.2)
+    source.hang = threading.Event()
+    calls = source.calls
+    manager = client.app.state.manager  # type: ignore[attr-defined]
+    assert client.portal is not None
+    for champion in ("1", "2", "1", "2"):  # four switches, four reports while it hangs
+        source.set_plan(champion)
+        client.portal.call(manager.refresh)
+        time.sleep(0.4)
+    described = client.get("/models").json()["heartbeat"]
+    assert described["error"] == "heartbeat not written (the previous write still hangs)"
+    assert source.calls == calls + 1  # one write waits on the registry, no thread piles up
+    assert _answer_version(client) == "2"  # serving never waited for it
+    source.hang.set()  # the registry answers again: a report goes through once that write ends
+    source.hang = None
+    deadline = time.monotonic() + 10
+    while client.get("/models").json()["heartbeat"]["error"] is not None:
+        assert time.monotonic() < deadline
+        client.portal.call(manager.heartbeat.report)
+        time.sleep(0.05)
+    assert source.reports[-1][0].plan["champion"] == "2"  # type: ignore[index]

@@ -67,6 +67,7 @@ class HeartbeatReporter:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._periodic: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         if self._periodic is None:
@@ -95,8 +96,14 @@ class HeartbeatReporter:
                 plan.to_dict(),
                 interval_s=self.interval_s,
             )
+            if self._writing is not None and not self._writing.done():
+                # The registry hangs (its client retries for minutes): one thread waits on it,
+                # never more, so loads and plan reads keep threads to run on.
+                self.error = "heartbeat not written (the previous write still hangs)"
+                return
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._report, beat))
             try:
-                await asyncio.wait_for(asyncio.to_thread(self._report, beat), WRITE_TIMEOUT_S)
+                await asyncio.wait_for(asyncio.shield(self._writing), WRITE_TIMEOUT_S)
             except Exception as err:
                 if self.error is None:
                     log.warning("writing the heartbeat failed: %r", err)
@@ -112,7 +119,8 @@ class HeartbeatReporter:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._withdraw is not None and self.last is not None:
+        writing = self._writing is not None and not self._writing.done()
+        if self._withdraw is not None and self.last is not None and not writing:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     asyncio.to_thread(self._withdraw, self.server_id), WRITE_TIMEOUT_S
