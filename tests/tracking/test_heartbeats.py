@@ -5,19 +5,25 @@ naming the servers behind (exit 1, the change itself made)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
 from dlpipe.config import PipelineConfig
+from dlpipe.evaluation import free_port
 from dlpipe.routing import ABTestConfig, Heartbeat, RoutingState, laggards, routing_digest
 from dlpipe.tracking.cli import main
 from dlpipe.tracking.heartbeats import (
     RolloutTimeout,
+    delete_heartbeat,
     heartbeat_key,
     prune_heartbeats,
     wait_until_applied,
@@ -175,3 +181,38 @@ def test_timeout_error_carries_the_laggards(registry: ModelRegistry) -> None:
         wait_until_applied(registry, NAME, timeout_s=0.2)
     assert [h.server_id for h in caught.value.laggards] == ["behind"]
     assert caught.value.digest == routing_digest(registry.fetch_routing(NAME))
+
+
+@pytest.mark.slow
+def test_heartbeats_work_through_a_remote_mlflow_server(tmp_path: Path) -> None:
+    """The same tags through MLflow's REST API (an `http://` store: no shared file, no signal)."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'remote.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{uri}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.3)
+        remote = ModelRegistry(uri, cache_dir=tmp_path / "cache")
+        remote.client.create_registered_model(NAME)
+        digest = routing_digest(remote.fetch_routing(NAME))
+        write_heartbeat(remote.client, NAME, Heartbeat("far-away", 2, "old", interval_s=5))
+        with pytest.raises(RolloutTimeout, match="far-away"):
+            wait_until_applied(remote, NAME, timeout_s=0.5)
+        write_heartbeat(remote.client, NAME, Heartbeat("far-away", 3, digest, interval_s=5))
+        assert wait_until_applied(remote, NAME, timeout_s=5).servers == ["far-away"]
+        delete_heartbeat(remote.client, NAME, "far-away")
+        assert remote.server_heartbeats(NAME) == []
+    finally:
+        proc.terminate()
+        proc.wait(30)
