@@ -4,6 +4,9 @@
 
 Train → register → optimize (ONNX + INT8 behind the accuracy gate) → promote the best variant that
 passes → start the real server → send the held-out test split through HTTP → print one summary.
+A Keras config (`model.framework: tensorflow`) runs the same stages: TensorFlow trains and
+exports in worker processes, and the server runs the promoted ONNX variant (or, when every
+export failed, the Keras model itself in a TensorFlow worker process).
 Exit 0 when every HTTP answer came back, 1 when a stage failed or the server answered errors, 2
 for a bad command line or config (before any work). With `--json` stdout holds the summary only.
 """
@@ -88,7 +91,8 @@ def _optimize(
 ) -> tuple[list[VariantRow], float | None]:
     """Build the configured variants; the accuracy gate decides which become versions.
 
-    Returns the rows and the parent's own batch-1 p50 latency (PyTorch eager) for comparison.
+    Returns the rows and the parent's own batch-1 p50 latency for comparison (PyTorch eager;
+    for a Keras parent its FP32 ONNX export, since TensorFlow never runs in this process).
     """
     from dlpipe.optimize.variants import optimize_version
 
@@ -120,7 +124,11 @@ def _optimize(
 
 
 def _pick_champion(trained: VariantRow, variants: list[VariantRow]) -> VariantRow:
-    """Fastest variant that passed the gate; the trained model when none did."""
+    """Fastest variant that passed the gate; the trained model when none did.
+
+    Every trained version can be served: PyTorch weights in the server process, a Keras model
+    (no model.onnx when its export failed) in a TensorFlow worker process beside it.
+    """
     kept = [v for v in variants if v.status == "kept" and v.latency_ms is not None]
     if not kept:
         return trained
@@ -208,6 +216,12 @@ def print_summary(summary: PipelineSummary, console: Console) -> None:
         row = (v.version + star, v.variant, v.precision, f"{v.size_mb:.3f}", acc, lat, v.status)
         table.add_row(*row)
     console.print(table)
+    trained = [v for v in summary.variants if v.variant == "trained"]
+    if trained and trained[0].framework == "tensorflow" and trained[0].latency_ms is not None:
+        console.print(
+            "trained (tensorflow): p50 measured on its FP32 ONNX export; TensorFlow never runs "
+            "in this process"
+        )
     s = summary.served
     if s is not None:
         served = Table(title=f"served over HTTP: version {summary.promoted_version} (champion)")
