@@ -37,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 PY = sys.executable
 BASELINE_SRC: str | None = None
 WORKERS: list[int] = [1, 2]
+ROUNDS = 6
+"""Off / on pairs of the `predlog` scenario."""
 """`--workers 1,2,...`: server process counts of the `workers` scenario."""
 """`--baseline-src`: measure our server again with this source tree first on PYTHONPATH."""
 
@@ -386,8 +388,10 @@ def scenario_workers(work: Path, duration: float) -> list[dict[str, Any]]:
 def scenario_predlog(work: Path, duration: float) -> list[dict[str, Any]]:
     """Fashion-MNIST CNN, 32 clients on /predict: the prediction log on (every request recorded,
     summarized and written to a directory) against off (`prediction_log_sample=0`: nothing
-    recorded), in one run, alternating off / on three times so slow drifts of a shared machine
-    hit both alike. Also counts the log's lines against the server's own count of 200 answers."""
+    recorded), in one run, alternating off / on `ROUNDS` times so slow drifts of a shared machine
+    hit both alike; medians of the paired ratios, and the server's CPU time per request beside
+    requests/s (less disturbed by other load than requests/s). Also
+    counts the log's lines against the server's own count of 200 answers."""
     import shutil
 
     pkg = _cnn_package(work)
@@ -398,7 +402,7 @@ def scenario_predlog(work: Path, duration: float) -> list[dict[str, Any]]:
     base = {"DLPIPE_MAX_BATCH_SIZE": "32", "DLPIPE_MAX_WAIT_MS": "2"}
     print(f"\n== Prediction log on / off, Fashion-MNIST CNN, 32 clients, {os.cpu_count()} cores")
     rows: list[dict[str, Any]] = []
-    for round_ in range(3):
+    for round_ in range(ROUNDS):
         for mode in ("off", "on"):
             log_dir = work / "predlog"
             shutil.rmtree(log_dir, ignore_errors=True)
@@ -408,33 +412,50 @@ def scenario_predlog(work: Path, duration: float) -> list[dict[str, Any]]:
             server = Server("dlpipe", ["--package", str(pkg)], env, work / f"predlog-{mode}.log")
             try:
                 load(server.url, files, 32, 2.0)  # warm-up, not measured
+                cpu, before = _cpu_s(server.proc.pid), _requests_counted(server)
                 result = load(server.url, files, 32, duration, "--warmup", "0")
+                # CPU per request: the server's own cost, far less disturbed than requests/s
+                # by whatever else runs on a shared machine.
+                cpu_us = (_cpu_s(server.proc.pid) - cpu) / (_requests_counted(server) - before)
                 answered = _requests_counted(server, status="200")
             finally:
                 server.stop()  # the log is complete once the server has stopped
+            result["server_cpu_us_per_request"] = round(cpu_us * 1e6, 1)
             lines = 0
             if mode == "on":
                 lines = sum(len(f.read_bytes().splitlines()) for f in log_dir.glob("*.jsonl"))
-            extra = f"  log lines {lines} of {answered:.0f} answered 200" if mode == "on" else ""
+            extra = f"  CPU {cpu_us * 1e6:.0f} us/request"
+            if mode == "on":
+                extra += f"  log lines {lines} of {answered:.0f} answered 200"
             print(_row(f"round {round_ + 1}, log {mode}", result, extra))
             row = {"scenario": "predlog", "round": round_ + 1, "log": mode, "ours": result}
             row.update(answered_200=answered, log_lines=lines)
             print(json.dumps(row))
             rows.append(row)
 
-    def mean(mode: str, key: str) -> float:
-        return float(np.mean([r["ours"][key] for r in rows if r["log"] == mode]))
+    def median(mode: str, key: str) -> float:
+        return float(np.median([r["ours"][key] for r in rows if r["log"] == mode]))
 
-    off, on = mean("off", "throughput_rps"), mean("on", "throughput_rps")
-    pairs = [
-        rows[i + 1]["ours"]["throughput_rps"] / max(rows[i]["ours"]["throughput_rps"], 1e-9)
-        for i in range(0, len(rows), 2)
-    ]
-    print(f"  mean req/s: off {off:.1f}, on {on:.1f} (on/off {on / max(off, 1e-9):.3f})")
-    print(f"  on/off per round: {', '.join(f'{p:.3f}' for p in pairs)}")
-    for key in ("p50_ms", "p99_ms"):
-        print(f"  mean {key}: off {mean('off', key):.2f}, on {mean('on', key):.2f}")
+    def ratios(key: str) -> list[float]:
+        return [
+            rows[i + 1]["ours"][key] / max(rows[i]["ours"][key], 1e-9)
+            for i in range(0, len(rows), 2)
+        ]
+
+    for key in ("throughput_rps", "server_cpu_us_per_request", "p50_ms", "p99_ms"):
+        paired = ratios(key)
+        print(
+            f"  {key}: median off {median('off', key):.1f}, on {median('on', key):.1f}; "
+            f"on/off per round {', '.join(f'{p:.3f}' for p in paired)} "
+            f"(median {float(np.median(paired)):.3f})"
+        )
     return rows
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _requests_counted(server: Server, status: str | None = None) -> float:
