@@ -22,6 +22,7 @@ from rich.console import Console
 
 from dlpipe.cli_progress import StepProgress
 from dlpipe.cli_support import EXIT_STATUS_HELP, json_text, parse_model_ref
+from dlpipe.config import TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "fashion_mnist.yaml")
@@ -107,8 +108,12 @@ def test_models_and_config_json(workdir: Path) -> None:
         "type": "int, >= 0",
         "default": 0,
         "value": 0,
-        "description": "GPUs to use; 0 trains on the CPU.",
+        # The field's own docstring (the schema's documentation is the CLI's help).
+        "description": " ".join(
+            (TrainingConfig.model_fields["num_gpus"].description or "").split()
+        ),
     }
+    assert rows["training.num_gpus"]["description"].startswith("GPUs to use")
     assert rows["tracking.registered_model_name"]["value"] == NAME
     assert {"model.name", "optimize.targets", "preprocessing.image_size"} <= set(rows)
     got = dlpipe(workdir, "config", "get", "optimize.targets", "-c", CONFIG, "--json")
