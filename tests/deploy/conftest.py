@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dlpipe.monitoring.metrics import MetricsCollector
+from dlpipe.quality.canary_runner import CanaryMetrics
 from dlpipe.quality.live import VersionStats
 from dlpipe.quality.metrics import QualityMetrics
 
@@ -46,7 +48,7 @@ def metric_names_in(expr: str) -> set[str]:
 
 def exposed_sample_names() -> set[str]:
     """Every sample name the server renders (MetricsCollector and the quality metrics on its
-    registry) once each metric has a labelled child."""
+    registry), and the canary runner, once each metric has a labelled child."""
     c = MetricsCollector()
     c.record_latency(3.0, endpoint="predict", model_version="1")
     c.record_error("invalid_input")
@@ -67,6 +69,13 @@ def exposed_sample_names() -> set[str]:
     q.hide_others()
     with c.track_in_flight():
         body = c.render()[0].decode()
+    # The canary runner serves its own registry (--metrics-port), a scrape target of its own.
+    canary = CanaryMetrics()
+    canary.step.labels("m", "2").set(5)
+    canary.decisions.labels("m", "advance").inc()
+    canary.p_value.labels("m", "latency").set(0.5)
+    canary.samples.labels("m", "candidate_requests").set(300)
+    body += generate_latest(canary.registry).decode()
     return {s.name for f in text_string_to_metric_families(body) for s in f.samples}
 
 

@@ -127,3 +127,18 @@ def test_dashboard_shows_model_quality(dashboard: dict[str, Any]) -> None:
     log = " ".join(exprs["Prediction log: records written and dropped"])
     assert "dlpipe_prediction_log_written_total" in log
     assert "dlpipe_prediction_log_dropped_total" in log
+
+
+def test_dashboard_shows_the_canary(dashboard: dict[str, Any]) -> None:
+    exprs = " ".join(
+        t["expr"]
+        for p in dashboard["panels"]
+        if p["title"].startswith("Canary")
+        for t in p["targets"]
+    )
+    for name in (
+        "dlpipe_canary_step_percent",
+        "dlpipe_canary_decisions_total",
+        "dlpipe_canary_p_value",
+    ):
+        assert name in exprs, name
