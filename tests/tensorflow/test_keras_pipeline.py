@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import mlflow.tracking._tracking_service.utils as mlflow_tracking_utils
 import pytest
 from keras_helpers import KERAS_CONFIG
 
@@ -71,6 +72,10 @@ def test_keras_version_serves_itself_when_its_export_fails(
 
     monkeypatch.setattr(tf_export, "export_keras_package", broken)
     monkeypatch.setenv("DLPIPE_MODEL_CACHE", str(tmp_path / "cache"))
+    # run_pipeline pins MLflow's process-wide tracking URI (`dlpipe run` is one process per
+    # run); put MLflow's unset default back afterwards, or later tests' runs would land in
+    # this test's deleted store while their registry follows the environment.
+    monkeypatch.setattr(mlflow_tracking_utils, "_tracking_uri", None)
     cfg = load_config(KERAS_CONFIG, [*SMALL, f"training.checkpoint_dir={tmp_path / 'ckpt'}"])
     summary = run_pipeline(cfg, eval_limit=300, clients=4)
     status = {v.variant: v.status for v in summary.variants}
