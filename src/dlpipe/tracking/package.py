@@ -86,7 +86,7 @@ def save_model_package(
     if onnx_path is not None:
         src = Path(onnx_path)
         if src.resolve() != (out / ONNX_FILE).resolve():
-            _copy_onnx(src, out / ONNX_FILE)
+            copy_onnx(src, out / ONNX_FILE)
     if not metadata.model_size_mb:
         metadata.model_size_mb = package_size_mb(out)
     (out / METADATA_FILE).write_text(metadata.to_json())
@@ -98,7 +98,7 @@ def save_model_package(
     return out
 
 
-def _copy_onnx(src: Path, dst: Path) -> None:
+def copy_onnx(src: Path, dst: Path) -> None:
     """Copy an ONNX graph; external weights are re-pointed at `<dst>.data` (or inlined)."""
     import onnx
 
