@@ -17,6 +17,12 @@ What the variants start from depends on the parent package's files:
   baseline; the `onnx` target is skipped (the parent already is that graph).
 
 `pruned` needs PyTorch weights and is skipped for the other two.
+
+`tensorrt` is the FP32 graph on ONNX Runtime's TensorRT execution provider in FP16, its engine
+built here into the package's `trt_cache/` (`dlpipe.tracking.tensorrt_ep`), parity-checked
+against the FP32 graph on CPU (`FP16_PARITY_ATOL`/`RTOL` in `dlpipe.optimize.tensorrt`), then
+gated, timed and registered like the others with framework `tensorrt`. Where ONNX Runtime offers
+no TensorRT provider it is skipped with one line.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from dlpipe.optimize.accuracy import (
     validate_accuracy,
 )
 from dlpipe.optimize.latency import LatencyStats, measure_latency
-from dlpipe.optimize.onnx_export import ExportError, export_architecture
+from dlpipe.optimize.onnx_export import ExportError, export_architecture, make_session
 from dlpipe.optimize.optimizer import ModelOptimizer
 from dlpipe.optimize.quantize import QuantizationError, onnx_size_mb
 
@@ -251,7 +257,8 @@ def first_samples(batches: list[Any], count: int) -> Any:
 
 
 PARITY_SAMPLES = 100
-"""Test samples a Keras export must reproduce within 1e-4 (absolute) + 1e-3 (relative)."""
+"""Test samples an export must reproduce: a Keras export within 1e-4 (absolute) + 1e-3
+(relative), the TensorRT engine within its FP16 tolerance (`dlpipe.optimize.tensorrt`)."""
 
 
 def _start(kind: ParentKind, package: Path, cfg: Any, work: Path, batches: list[Any]) -> _Start:
@@ -333,16 +340,7 @@ def _build_target(
         reason = f"no FP32 ONNX graph to start from: {start.export_error}"
         return VariantResult(target, "failed", precision, reason=reason)
     if target == "tensorrt":
-        source = optimizer.fp32_onnx()
-        trt = optimizer.optimize_tensorrt(source, ctx.work / "model.fp16.plan", "fp16")
-        if trt.skipped:
-            return VariantResult(target, "skipped", precision, reason=trt.reason)
-        # Built, but the accuracy gate needs a TensorRT runtime evaluator: report, not register.
-        size = round(Path(trt.engine_path or "").stat().st_size / 1e6, 4)
-        return VariantResult(
-            target, "skipped", precision, size_mb=size,
-            reason=f"engine built at {trt.engine_path}; not registered (no TensorRT accuracy gate)",
-        )  # fmt: skip
+        return _tensorrt_variant(optimizer, ctx)
     if target == "onnx":
         path = optimizer.fp32_onnx()
         assert optimizer.export_result is not None
@@ -378,6 +376,100 @@ def _build_target(
     return variant
 
 
+def _tensorrt_variant(optimizer: ModelOptimizer, ctx: _Context) -> VariantResult:
+    """The parent's FP32 graph on ONNX Runtime's TensorRT provider (FP16), its engine cached in
+    the package: parity-checked against the FP32 graph on CPU, gated and timed on TensorRT."""
+    from dlpipe.optimize.tensorrt import (
+        TensorRTUnavailable,
+        build_engine_cache,
+        check_fp16_parity,
+        stage_tensorrt_package,
+        tensorrt_ep_unavailable_reason,
+    )
+    from dlpipe.tracking.package import ONNX_FILE
+    from dlpipe.tracking.tensorrt_ep import ENGINE_CACHE_DIR
+
+    target, precision = "tensorrt", PRECISION["tensorrt"]
+    reason = tensorrt_ep_unavailable_reason()
+    if reason is not None:
+        log.info(reason)
+        return VariantResult(target, "skipped", precision, reason=reason)
+    source = optimizer.fp32_onnx()
+    graph = make_session(source)
+    examples = optimizer.example_inputs(1)
+    sample_shapes = {
+        i.name: tuple(x.shape[1:]) for i, x in zip(graph.get_inputs(), examples, strict=True)
+    }
+    batch_axes = {i.shape[0] for i in graph.get_inputs()}
+    fixed = next(iter(batch_axes)) if len(batch_axes) == 1 else None
+    fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
+    package_dir = ctx.work / f"package-{target}"
+    settings = stage_tensorrt_package(source, package_dir, sample_shapes, fixed_batch=fixed_batch)
+    try:
+        built = build_engine_cache(package_dir, settings)
+    except TensorRTUnavailable as err:
+        return VariantResult(target, "skipped", precision, reason=str(err))
+    except Exception as err:  # TensorRT's parser and builder errors come as several types
+        raise ExportError(f"tensorrt engine build failed: {_first_line(err)}") from err
+    samples = first_samples(ctx.test_batches, PARITY_SAMPLES)
+    max_diff = check_fp16_parity(built.session, source, samples, settings.max_batch)
+    cache = package_dir / ENGINE_CACHE_DIR
+    cache_mb = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / 1e6
+    details: dict[str, Any] = {
+        "providers": ",".join(built.providers),
+        "engine_build_s": round(built.build_s, 3),
+        "engine_cache_mb": round(cache_mb, 4),
+        "max_abs_diff": max_diff,
+        "parity_samples": len(_sample_arrays(samples)[0]),
+        "profile_max_batch": settings.max_batch,
+        **{f"built_with_{k}": v for k, v in settings.built_with.items()},
+    }
+    ctx.progress(target, "evaluate")
+    batches = _rebatch(ctx.test_batches, settings.max_batch)  # never outside the profile
+    report = validate_accuracy(None, built.session, batches, original_predictions=ctx.original_pred)
+    path = package_dir / ONNX_FILE
+    variant = VariantResult(
+        target, "kept", precision, size_mb=onnx_size_mb(path),
+        accuracy=report.optimized_accuracy, drop=report.drop, details=details,
+    )  # fmt: skip
+    variant.details["agreement"] = report.agreement
+    if ctx.measure:
+        ctx.progress(target, "time")
+        variant.latency = measure_latency(built.session, ctx.inputs)
+    try:
+        check_accuracy_gate(report, ctx.max_drop)
+    except AccuracyDegradationError as err:
+        variant.status, variant.reason = "refused", str(err)
+        return variant
+    if ctx.register:
+        ctx.progress(target, "register")
+        variant.version = _register(ctx, target, precision, path, variant, framework="tensorrt")
+    return variant
+
+
+def _rebatch(batches: list[Any], size: int) -> list[Any]:
+    """The same `(x, y)` samples in order, in batches of at most `size`."""
+    out = []
+    for x, y in batches:
+        for i in range(0, len(y), size):
+            part = (
+                {k: v[i : i + size] for k, v in x.items()}
+                if isinstance(x, dict)
+                else x[i : i + size]
+            )
+            out.append((part, y[i : i + size]))
+    return out
+
+
+def _sample_arrays(samples: Any) -> list[Any]:
+    return list(samples.values()) if isinstance(samples, dict) else [samples]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _pruned_onnx(
     optimizer: ModelOptimizer, ctx: _Context, datamodule: Any
 ) -> tuple[Path, dict[str, Any]]:
@@ -403,8 +495,18 @@ def _log_unregistered(ctx: _Context, results: list[VariantResult]) -> None:
             )
 
 
-def _register(ctx: _Context, target: str, precision: str, path: Path, v: VariantResult) -> str:
-    """Package the variant as an MLflow model and register it from its own child run."""
+def _register(
+    ctx: _Context,
+    target: str,
+    precision: str,
+    path: Path,
+    v: VariantResult,
+    framework: str = "onnx",
+) -> str:
+    """Package the variant as an MLflow model and register it from its own child run.
+
+    A file already in `<work>/package-<target>` stays in the package (the TensorRT variant's
+    `tensorrt.json` and engine cache); `path` may be that directory's `model.onnx`."""
     from dlpipe.quality.profile import inherit_profile
     from dlpipe.tracking.metadata import ModelMetadata
     from dlpipe.tracking.package import save_model_package
@@ -416,7 +518,7 @@ def _register(ctx: _Context, target: str, precision: str, path: Path, v: Variant
         details.update(p95_ms=v.latency.p95_ms, throughput_per_s=v.latency.throughput_per_s)
     meta = ModelMetadata(
         model_name=ctx.name,
-        framework="onnx",
+        framework=framework,  # type: ignore[arg-type]
         precision=precision,  # type: ignore[arg-type]
         model_size_mb=v.size_mb or onnx_size_mb(path),
         training_date=parent.training_date,
