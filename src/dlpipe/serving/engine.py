@@ -7,6 +7,12 @@ or a TensorFlow worker process when it has only `model.keras`.
 
 `model_path` is a model package directory (see `dlpipe.tracking.package`) or a bare `.onnx` file.
 A Keras model never runs in this process (`dlpipe.serving.keras_engine`).
+
+ONNX graphs run on CUDA when ONNX Runtime offers it (`device` auto or cuda), else on CPU. Only a
+TensorRT variant (metadata `framework: tensorrt`, see `dlpipe.tracking.tensorrt_ep`) runs on
+TensorRT, with its package's options: FP16, its profile and the engine cache in its `trt_cache/`.
+Where TensorRT is not offered (or `device='cpu'`), that package's FP32 graph runs on the providers
+that are, with one warning; `framework`, `precision` and `providers` say what actually runs.
 """
 
 from __future__ import annotations
@@ -17,8 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from dlpipe.tracking import tensorrt_ep
 from dlpipe.tracking.metadata import ModelMetadata
 from dlpipe.tracking.package import KERAS_FILE, METADATA_FILE, ONNX_FILE, WEIGHTS_FILE
+from dlpipe.tracking.tensorrt_ep import (
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    ENGINE_CACHE_DIR,
+    TENSORRT_FILE,
+    TRT_PROVIDER,
+    Provider,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +98,16 @@ class ModelLoadError(RuntimeError):
     """The package could not be turned into a runnable model."""
 
 
-def _providers_for(device: str) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    wanted = ["CPUExecutionProvider"]
+def _providers_for(device: str) -> list[Provider]:
+    """CUDA then CPU, or CPU alone. TensorRT is left to TensorRT variants: with no profile and
+    no cache it would build engines at every start, and again whenever a batch grows."""
+    available = tensorrt_ep.available_providers()
+    wanted: list[Provider] = [CPU_PROVIDER]
     if device in ("auto", "cuda"):
-        gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
-        if device == "cuda" and not gpu:
+        if device == "cuda" and CUDA_PROVIDER not in available:
             raise ModelLoadError(f"device='cuda' but ONNX Runtime only offers {available}")
-        wanted = gpu + wanted
+        if CUDA_PROVIDER in available:
+            wanted = [CUDA_PROVIDER, *wanted]
     return wanted
 
 
@@ -118,6 +133,8 @@ class InferenceEngine:
         root = path if path.is_dir() else path.parent
         if (root / METADATA_FILE).is_file():
             self.metadata = ModelMetadata.from_json((root / METADATA_FILE).read_text())
+        self.precision: str = self.metadata.precision if self.metadata else "fp32"
+        self._batch_limit: int | None = None  # a TensorRT profile's largest batch
         onnx_file = path if path.is_file() else path / ONNX_FILE
         self._session: Any = None
         self._torch_net: Any = None
@@ -145,21 +162,59 @@ class InferenceEngine:
         # Spinning threads would steal the CPU the event loop needs between batches.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = _providers_for(self.device)
-        if self.gpu_headroom_mb is not None and providers[0] != "CPUExecutionProvider":
+        tensorrt = self.metadata is not None and self.metadata.framework == "tensorrt"
+        if tensorrt:
+            providers = self._tensorrt_providers(onnx_file.parent, providers)
+        if self.gpu_headroom_mb is not None and providers[0] != CPU_PROVIDER:
             self._check_gpu_memory(onnx_file)
         try:
-            self._session = ort.InferenceSession(
-                str(onnx_file), sess_options=opts, providers=providers
-            )
+            self._session = tensorrt_ep.create_session(onnx_file, providers, opts)
         except Exception as err:  # ORT raises several unrelated types for a bad graph
             raise ModelLoadError(f"{onnx_file}: ONNX Runtime could not load it: {err}") from err
         self.framework = "onnx"
         self.providers: list[str] = list(self._session.get_providers())
+        if tensorrt:
+            self._settle_tensorrt(providers)
         self.inputs = [
             {"name": i.name, "shape": list(i.shape), "dtype": _ORT_DTYPES.get(i.type, np.float32)}
             for i in self._session.get_inputs()
         ]
         self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def _tensorrt_providers(self, package: Path, plain: list[Provider]) -> list[Provider]:
+        """TensorRT with the package's options before `plain`, where ONNX Runtime offers it."""
+        settings = tensorrt_ep.load_settings(package)
+        if settings is None:
+            raise ModelLoadError(f"{package}: a tensorrt version without {TENSORRT_FILE}")
+        if self.device == "cpu" or TRT_PROVIDER not in tensorrt_ep.available_providers():
+            return plain
+        try:  # the cache travels with the package; ORT writes into it when it must rebuild
+            (package / ENGINE_CACHE_DIR).mkdir(exist_ok=True)
+        except OSError as err:
+            log.warning("%s: cannot create the engine cache directory: %s", package, err)
+        self._batch_limit = settings.max_batch
+        trt, *_ = tensorrt_ep.tensorrt_providers(package, settings)
+        return [trt, *plain]
+
+    def _settle_tensorrt(self, asked: list[Provider]) -> None:
+        """Report what a TensorRT variant really runs on; warn (once, at load) when not TensorRT."""
+        if TRT_PROVIDER in self.providers:
+            self.framework = "tensorrt"
+            return
+        self._batch_limit = None
+        self.precision = "fp32"  # the package's FP32 graph, not the FP16 engine
+        if TRT_PROVIDER in tensorrt_ep.provider_names(asked):
+            why = f"ONNX Runtime did not start {TRT_PROVIDER}"
+        elif self.device == "cpu":
+            why = "device='cpu'"
+        else:
+            why = f"ONNX Runtime offers no {TRT_PROVIDER}"
+        log.warning(
+            "%s is a TensorRT variant but %s: serving its FP32 graph on %s",
+            self.path,
+            why,
+            ", ".join(self.providers),
+        )
 
     def _check_gpu_memory(self, onnx_file: Path) -> None:
         from dlpipe.monitoring.gpu import NvmlReader
@@ -273,15 +328,20 @@ class InferenceEngine:
         n = next(iter(feed.values())).shape[0]
         if isinstance(fixed, int) and fixed > 0 and n != fixed:
             # A graph exported with a fixed batch size: run it one slice at a time.
-            parts = [
-                self._session.run(
-                    self.output_names[:1], {k: v[i : i + fixed] for k, v in feed.items()}
-                )[0]
-                for i in range(0, n, fixed)
-            ]
-            return np.concatenate(parts)
+            return self._run_slices(feed, n, fixed)
+        if self._batch_limit is not None and n > self._batch_limit:
+            # Beyond the TensorRT profile: slices keep the cached engine (no rebuild).
+            return self._run_slices(feed, n, self._batch_limit)
         out: np.ndarray = self._session.run(self.output_names[:1], feed)[0]
         return out
+
+    def _run_slices(self, feed: dict[str, np.ndarray], n: int, step: int) -> np.ndarray:
+        head = self.output_names[:1]
+        parts = [
+            self._session.run(head, {k: v[i : i + step] for k, v in feed.items()})[0]
+            for i in range(0, n, step)
+        ]
+        return np.concatenate(parts)
 
     def _predict_torch(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         import torch
@@ -329,7 +389,7 @@ class InferenceEngine:
             "model_name": meta.model_name if meta else self.path.stem,
             "version": (meta.version if meta else "") or "1",
             "framework": self.framework,
-            "precision": meta.precision if meta else "fp32",
+            "precision": self.precision,
             "model_size_mb": meta.model_size_mb if meta else None,
             "providers": self.providers,
             "path": str(self.path),
