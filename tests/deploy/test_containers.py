@@ -125,6 +125,20 @@ def test_cuda_image_swaps_in_onnxruntime_gpu() -> None:
     assert "CUDAExecutionProvider" in install
 
 
+def test_cuda_image_installs_tensorrt_where_the_tensorrt_provider_finds_it() -> None:
+    args, runs = _builder_runs("Dockerfile.cuda")
+    assert args["TENSORRT"].startswith("tensorrt-cu12==")
+    (install,) = [r for r in runs if 'pip install ".[${EXTRAS}]"' in r]
+    steps = [s.strip() for s in install.split("&&")]
+    trt = next(i for i, s in enumerate(steps) if 'pip install "${TENSORRT}"' in s)
+    assert trt > steps.index('pip install "${ONNXRUNTIME_GPU}"')
+    assert "libonnxruntime_providers_tensorrt.so" in install and "ldd" in install
+    assert "not found" in install  # the build fails when the provider misses a TensorRT library
+    runtime = _stages(_instructions(DEPLOY / "Dockerfile.cuda"))[-1]
+    (env,) = [a for k, a in runtime if k == "ENV" and "LD_LIBRARY_PATH" in a]
+    assert f"LD_LIBRARY_PATH={args['TRT_LIBS']}:" in env
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
