@@ -47,6 +47,10 @@ class InvalidInputError(ValueError):
     """Bad user input (not an image, wrong shape, empty text...); serving answers HTTP 400."""
 
 
+class ImageTooLargeError(InvalidInputError):
+    """An image header declares more pixels than Pillow's decompression-bomb limit (HTTP 413)."""
+
+
 @dataclass(frozen=True)
 class AugmentParams:
     """One random draw of image augmentation for a batch of N images."""
@@ -145,24 +149,38 @@ def decode_image(data: bytes) -> Image.Image:
     Always a full-resolution decode (no JPEG draft scaling): serving may decode first and
     preprocess the PIL image later, and must get exactly the pixels training got from the file.
     """
+    return load_image(open_image(data))
+
+
+def open_image(data: bytes, formats: list[str] | None = None) -> Image.Image:
+    """Read an image's header only (its format and size; no pixel is decoded yet).
+
+    `formats`: the only Pillow formats tried (a server accepting PNG and JPEG never runs another
+    decoder on hostile bytes). Raises InvalidInputError saying what was wrong.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidInputError(f"expected image bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise InvalidInputError("empty upload: the image file has 0 bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError:
         head = bytes(data[:8]).hex(" ")
+        known = f"no {' or '.join(formats)} image" if formats else "no known image format"
         raise InvalidInputError(
-            f"not an image: {len(data)} bytes in no known image format (first bytes: {head})"
+            f"not an image: {len(data)} bytes in {known} (first bytes: {head})"
         ) from None
     except Image.DecompressionBombError as err:
-        raise InvalidInputError(f"image too large: {err}") from None
+        raise ImageTooLargeError(f"image too large: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:  # e.g. a PNG cut inside its header
         raise InvalidInputError(f"corrupt image header: {err}") from None
+
+
+def load_image(img: Image.Image) -> Image.Image:
+    """Decode an opened image's pixels (truncated or corrupt data fails here, not later)."""
     fmt = img.format or "image"
     try:
-        img.load()  # decoding happens here: truncated or corrupt data fails now, not later
+        img.load()
     except (OSError, SyntaxError, ValueError) as err:
         raise InvalidInputError(f"truncated or corrupt {fmt} file: {err}") from None
     if img.mode not in _SUPPORTED_MODES:

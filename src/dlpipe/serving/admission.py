@@ -9,7 +9,8 @@ Gates, cheapest first, so a request that will be refused costs as little as poss
    bytes held by all in-flight requests over their budget -> 503. Health, metrics and other
    GETs are never shed.
 2. While the body arrives (`Ticket.receive`): the same two byte limits for bodies without a
-   declared length, and a deadline for the whole body (slow senders get 408).
+   declared length, and a deadline for the whole body (slow senders get 408; one sweeper task
+   checks the deadlines a few times a second).
 3. At the queue (`check_queue`, called by the batcher when a sample is queued): the queue is
    full, or the queue ahead is so long that the sample would miss its deadline -> 503.
 4. The deadline itself (`remaining_s`): counted from arrival; a request not answered by then
@@ -114,14 +115,23 @@ class Ticket:
     """One admitted request: on its way until `queued()`, in flight until `release()`, holding
     the body bytes it has received (or declared) against the shared budget until then."""
 
-    __slots__ = ("_admission", "_held", "_on_the_way", "_released", "_timer", "timed_out")
+    __slots__ = (
+        "_admission",
+        "_held",
+        "_on_the_way",
+        "_released",
+        "_task",
+        "deadline",
+        "timed_out",
+    )
 
     def __init__(self, admission: Admission, declared_bytes: int) -> None:
         self._admission = admission
         self._on_the_way = True
         self._released = False
         self._held = declared_bytes
-        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self.deadline = 0.0
         self.timed_out = False
         admission.in_flight += 1
         admission.body_bytes += declared_bytes
@@ -131,10 +141,10 @@ class Ticket:
         """`receive` with the body limits applied; the body deadline counts from `started`."""
         admission = self._admission
         limit = admission.max_body_bytes
-        task = asyncio.current_task()
-        if task is not None:
-            left = admission.body_timeout_s - (time.perf_counter() - started)
-            self._timer = asyncio.get_running_loop().call_later(left, self._expire, task)
+        # Watched by the admission's sweeper until the body is complete (no timer per request).
+        self._task = asyncio.current_task()
+        self.deadline = started + admission.body_timeout_s
+        admission.awaiting_body.add(self)
         received = 0
 
         async def limited() -> Message:
@@ -149,21 +159,19 @@ class Ticket:
                     self._held = received
                     admission.check_budget(0)
                 if not message.get("more_body", False):
-                    self._stop_timer()
+                    admission.awaiting_body.discard(self)
             else:
-                self._stop_timer()
+                admission.awaiting_body.discard(self)
             return message
 
         return limited
 
-    def _expire(self, task: asyncio.Task[Any]) -> None:
-        self.timed_out = True
-        task.cancel()  # the middleware turns this cancellation into a 408
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def expire(self) -> None:
+        """The body deadline passed: cancel the request (the middleware answers 408)."""
+        self._admission.awaiting_body.discard(self)
+        if self._task is not None and not self._task.done():
+            self.timed_out = True
+            self._task.cancel()
 
     def queued(self) -> None:
         """Its samples are in a batcher's queue: no longer on the way (idempotent)."""
@@ -174,7 +182,7 @@ class Ticket:
     def release(self) -> None:
         """The request ended, answered or not (idempotent)."""
         self.queued()
-        self._stop_timer()
+        self._admission.awaiting_body.discard(self)
         if not self._released:
             self._released = True
             self._admission.in_flight -= 1
@@ -213,6 +221,30 @@ class Admission:
         self.arrivals = Arrivals()
         self.in_flight = 0
         self.body_bytes = 0
+        self.awaiting_body: set[Ticket] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self, every_s: float = 0.25) -> None:
+        """Watch body deadlines (call from inside the running loop): a few checks a second
+        instead of a timer per request."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(
+                self._sweep(every_s), name="body-deadlines"
+            )
+
+    async def _sweep(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.perf_counter()
+            for ticket in [t for t in self.awaiting_body if t.deadline <= now]:
+                ticket.expire()
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
 
     def shed_reason(self) -> str | None:
         """Why a new inference request must be shed now, or None to admit it."""

@@ -175,6 +175,7 @@ def create_app(
         quality.start()
         manager.start()
         lag.start()
+        admission.start()
         try:
             yield
         finally:
@@ -182,6 +183,7 @@ def create_app(
             # After the manager: every answered request's record is queued by now.
             await asyncio.to_thread(quality.close)
             await lag.stop()
+            await admission.stop()
             gpu.stop()
             decode_pool.shutdown(wait=False, cancel_futures=True)
 

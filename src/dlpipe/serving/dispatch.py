@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,13 +134,17 @@ async def _gather(
         ) from err
 
 
+_UNTRACED = nullcontext()
+
+
+def responding(request: Request) -> AbstractContextManager[Any]:
+    """Times the block as the request's `respond` span (when tracing is on; else nothing)."""
+    tracer = request.app.state.tracer
+    return _UNTRACED if tracer is None else _respond_span(tracer)
+
+
 @contextmanager
-def responding(request: Request) -> Iterator[None]:
-    """Times the block as the request's `respond` span (when tracing is on)."""
-    tracer = getattr(request.app.state, "tracer", None)
-    if tracer is None:
-        yield
-        return
+def _respond_span(tracer: Any) -> Iterator[None]:
     started = now_ns()
     try:
         yield

@@ -9,10 +9,12 @@ Every failure is a 4xx whose message says what was wrong.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from dlpipe.config import PreprocessingConfig
 from dlpipe.serving.errors import InvalidRequest, PayloadTooLarge
@@ -34,6 +36,10 @@ def loads(raw: bytes | str, what: str = "request body") -> Any:
         raise InvalidRequest(f"{what} is not valid JSON: {err}") from None
 
 
+# The pixel budget is checked from each header (UploadPolicy.open_image); Pillow's own warning
+# for large images is noise then. Set once: `warnings.catch_warnings` per request is not free.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 INLINE_DECODE_PIXELS = 512 * 512
 """Requests with fewer pixels in all are decoded on the event loop (a thread hop costs more than
 decoding a thumbnail); larger ones go to the decode pool so the loop keeps answering."""
@@ -48,22 +54,18 @@ class UploadPolicy:
         self.max_pixels = max_pixels
         self.max_text_chars = max_text_chars
 
-    def image_pixels(self, data: bytes, field: str) -> int:
-        """Width x height from the header; 415 for another format, 413 beyond the budget."""
-        import io
-        import warnings
-
-        from PIL import Image
+    def open_image(self, data: bytes, field: str) -> Any:
+        """The image with only its header read (a PIL image, decoded later, once); 400 for
+        another format or unreadable bytes, 413 beyond the pixel budget."""
+        from dlpipe.data.preprocessing import ImageTooLargeError, open_image
 
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                # Only the formats we accept are even tried: no other decoder sees the bytes.
-                image = Image.open(io.BytesIO(data), formats=self.formats)
-        except Image.DecompressionBombError:
+            # Only the formats we accept are even tried: no other decoder sees the bytes.
+            image = open_image(data, self.formats)
+        except ImageTooLargeError:
             raise PayloadTooLarge(f"{field}: image has more pixels than decoders allow") from None
-        except Exception:
-            head = bytes(data[:8]).hex(" ")
+        except ValueError:  # InvalidInputError: not one of the formats, or an unreadable header
+            head = bytes(data[:8]).hex(" ") if isinstance(data, bytes) else ""
             raise InvalidRequest(
                 f"{field}: not a readable {' or '.join(self.formats)} image ({len(data)} bytes, "
                 f"first bytes {head}); accepted formats: {', '.join(self.formats)}"
@@ -75,7 +77,7 @@ class UploadPolicy:
                 f"{field}: image is {width}x{height} ({pixels} pixels), more than the "
                 f"{self.max_pixels} pixels accepted"
             )
-        return pixels
+        return image
 
     def check_text(self, text: Any, field: str) -> None:
         if isinstance(text, str) and len(text) > self.max_text_chars:
@@ -103,8 +105,9 @@ class InputDecoder:
         # A package's own tokenizer.json, if it has one (then no tokenizer package is needed).
         self._pre: Any = DataPreprocessor(preprocessing, tokenizer_file=tokenizer_file)
 
-    def image(self, data: bytes, field: str = "file") -> np.ndarray:
-        """Decode and preprocess one uploaded image (PNG/JPEG) to float32 C×H×W."""
+    def image(self, data: Any, field: str = "file") -> np.ndarray:
+        """Decode and preprocess one uploaded image (PNG/JPEG bytes, or a PIL image whose header
+        `UploadPolicy.open_image` read) to float32 C×H×W."""
         from dlpipe.data import InvalidInputError
 
         if self.task != "image_classification":
@@ -125,11 +128,14 @@ class InputDecoder:
             raise InvalidRequest(f"{field}: {err}") from None
         return np.asarray(batch[0], dtype=np.float32)
 
-    def _decode(self, data: bytes, field: str) -> Any:
+    def _decode(self, data: Any, field: str) -> Any:
         from dlpipe.data import InvalidInputError
+        from dlpipe.data.preprocessing import load_image
 
         try:
-            return self._pre.decode_image(data)
+            if isinstance(data, bytes | bytearray | memoryview):
+                return self._pre.decode_image(data)
+            return load_image(data)  # opened by the upload policy: decode its pixels once
         except InvalidInputError:
             raise
         except Exception as err:  # PIL raises OSError, EOFError, struct.error... on bad bytes

@@ -131,10 +131,11 @@ def _prepare(
     them into samples for whichever version routing picks; the images' pixel counts."""
     policy = request.app.state.upload_policy
     sizes: list[int] = []
-    for payload, name in zip(payloads, names, strict=True):
-        if kind == "image":
-            sizes.append(policy.image_pixels(payload, name))
-        else:
+    if kind == "image":  # headers read once here; the pixels are decoded once, later
+        payloads = [policy.open_image(p, n) for p, n in zip(payloads, names, strict=True)]
+        sizes = [image.width * image.height for image in payloads]
+    else:
+        for payload, name in zip(payloads, names, strict=True):
             policy.check_text(payload, name)
     pixels = sum(sizes)
 
