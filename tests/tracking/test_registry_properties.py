@@ -1,4 +1,10 @@
-"""Design Properties 8, 22, 24 and 25 on a real MLflow sqlite store (one store per module)."""
+"""Design Properties 8, 22, 24 and 25 on a real MLflow sqlite store (one store per module).
+
+Properties 8 and 24 for both frameworks. TensorFlow: one real `train_keras` run on a slice of
+Fashion-MNIST registers its Keras package (model.keras) once for the module; each example
+checks that registration and registers that package again from a new completed run with the
+metadata it draws, as the PyTorch variant does with its package.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest
 
-from dlpipe.config import PipelineConfig, PreprocessingConfig
+from dlpipe.config import PipelineConfig, PreprocessingConfig, load_config
 from dlpipe.tracking.metadata import REQUIRED_FIELDS, ModelMetadata
 from dlpipe.tracking.package import save_model_package
 from dlpipe.tracking.registry import ABTestConfig, ModelRegistry, RegistryError
+from dlpipe.training.train import TrainResult
+from keras_session import FRAMEWORKS
 
 SETTINGS = settings(
     max_examples=100,
@@ -52,11 +60,12 @@ def metadata_strategy(
     draw: st.DrawFn,
     model_name: str | None = None,
     names: tuple[str, ...] | list[str] = ("alpha", "beta-2", "gamma.v1"),
+    frameworks: tuple[str, ...] = ("pytorch", "onnx", "tensorrt"),
 ) -> ModelMetadata:
     """Any complete metadata, optional fields included."""
     return ModelMetadata(
         model_name=model_name or draw(st.sampled_from(names)),
-        framework=draw(st.sampled_from(["pytorch", "onnx", "tensorrt"])),
+        framework=draw(st.sampled_from(frameworks)),
         precision=draw(st.sampled_from(["fp32", "fp16", "int8"])),
         model_size_mb=draw(st.floats(1e-4, 1e4)),
         training_date=datetime(2020, 1, 1, tzinfo=UTC)
@@ -88,6 +97,75 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model_package(tmp_path_factory.mktemp("pkg"), cfg, meta, net=torch.nn.Linear(4, 2))
 
 
+KERAS_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "fashion_mnist_keras.yaml"
+
+
+@pytest.fixture(scope="module")
+def keras_run(
+    registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[PipelineConfig, TrainResult]:
+    """A real tiny `train_keras` run, registered in this module's store."""
+    from dlpipe.training.keras_fit import train_keras
+
+    root = tmp_path_factory.mktemp("keras-run")
+    cfg = load_config(KERAS_CONFIG, [
+        "data.limit_train_samples=256", "data.limit_eval_samples=128", "training.num_epochs=1",
+        "training.batch_size=64", f"training.checkpoint_dir={root}",
+        "tracking.registered_model_name=keras-registered",
+    ])  # fmt: skip
+    return cfg, train_keras(cfg)
+
+
+def package_for(framework: str, request: pytest.FixtureRequest) -> tuple[Path, str]:
+    """The package an example registers and its model file: the module's PyTorch package, or
+    the Keras package a real training run registered."""
+    if framework == "tensorflow":
+        _, result = request.getfixturevalue("keras_run")
+        return Path(result.package_dir or ""), "model.keras"
+    return request.getfixturevalue("package"), "weights.pt"
+
+
+def assert_keras_run_registered(registry: ModelRegistry, keras_run: Any) -> None:
+    """Property 8 for the run itself: a version of its own, from that run, holding the
+    run's model.keras and config."""
+    cfg, result = keras_run
+    assert result.model_name == "keras-registered" and result.model_version is not None
+    mv = registry.client.get_model_version(result.model_name, result.model_version)
+    assert mv.run_id == result.run_id and mv.source.startswith(
+        registry.client.get_run(result.run_id).info.artifact_uri
+    )
+    meta = registry.get_metadata(result.model_name, result.model_version)
+    assert (meta.version, meta.framework, meta.source_run_id) == (
+        result.model_version, "tensorflow", result.run_id,
+    )  # fmt: skip
+    local = Path(registry.get_model(result.model_name, result.model_version))
+    package = Path(result.package_dir or "")
+    assert (local / "model.keras").read_bytes() == (package / "model.keras").read_bytes()
+    assert load_config(local / "config.yaml") == cfg
+
+
+def assert_keras_run_metadata(registry: ModelRegistry, keras_run: Any) -> None:
+    """Property 24 for the run itself: its version's metadata is complete and is the run's:
+    training date, test metrics, preprocessing (the config's, class names included)."""
+    cfg, result = keras_run
+    row = next(
+        r for r in registry.list_versions(result.model_name) if r["version"] == result.model_version
+    )
+    meta = registry.get_metadata(result.model_name, result.model_version)
+    assert meta.missing_fields() == [] and (meta.framework, meta.precision) == (
+        "tensorflow",
+        "fp32",
+    )
+    run = registry.client.get_run(result.run_id)
+    started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
+    assert started <= meta.training_date <= datetime.fromtimestamp(run.info.end_time / 1000, UTC)
+    assert meta.accuracy_metrics == result.metrics
+    assert set(result.metrics) == {"test/loss", "test/acc", "test/f1"}
+    assert meta.preprocessing_config == cfg.preprocessing and cfg.preprocessing.class_names
+    for field in ("training_date", "accuracy_metrics", "preprocessing_config", *REQUIRED_FIELDS):
+        assert row[field] == meta.to_dict()[field]
+
+
 def _assert_stored(registry: ModelRegistry, meta: ModelMetadata, version: str) -> None:
     """Every field is stored both as its own tag and inside the full-JSON tag."""
     mv = registry.client.get_model_version(meta.model_name, version)
@@ -105,11 +183,18 @@ def _assert_stored(registry: ModelRegistry, meta: ModelMetadata, version: str) -
 
 
 # Feature: deep-learning-pipeline, Property 8: Model registry registration
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 @SETTINGS
-@given(meta=metadata_strategy())
+@given(data=st.data())
 def test_completed_run_is_registered_with_unique_version_and_metadata(
-    registry: ModelRegistry, package: Path, meta: ModelMetadata
+    request: pytest.FixtureRequest, registry: ModelRegistry, framework: str, data: st.DataObject
 ) -> None:
+    package, model_file = package_for(framework, request)
+    if framework == "tensorflow":
+        assert_keras_run_registered(registry, request.getfixturevalue("keras_run"))
+        meta = data.draw(metadata_strategy(frameworks=("tensorflow",)), label="meta")
+    else:
+        meta = data.draw(metadata_strategy(), label="meta")
     client = registry.client
     experiment = client.get_experiment_by_name("training") or client.get_experiment(
         client.create_experiment("training")
@@ -129,7 +214,7 @@ def test_completed_run_is_registered_with_unique_version_and_metadata(
     assert mv.source.startswith(run.info.artifact_uri)
     _assert_stored(registry, meta, version)
     local = Path(registry.get_model(meta.model_name, version))
-    assert (local / "weights.pt").read_bytes() == (package / "weights.pt").read_bytes()
+    assert (local / model_file).read_bytes() == (package / model_file).read_bytes()
     assert json.loads((local / "metadata.json").read_text())["version"] == version
 
 
@@ -165,14 +250,23 @@ _SEEN: dict[str, dict[str, str]] = {}
 
 
 # Feature: deep-learning-pipeline, Property 24: Model metadata completeness
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 @SETTINGS
-@given(
-    meta=metadata_strategy(model_name=None, names=["meta-a", "meta-b", "meta-c", "meta-d"]),
-    drop=st.sampled_from(REQUIRED_FIELDS),
-)
+@given(data=st.data(), drop=st.sampled_from(REQUIRED_FIELDS))
 def test_registered_versions_store_complete_metadata(
-    registry: ModelRegistry, package: Path, meta: ModelMetadata, drop: str
+    request: pytest.FixtureRequest,
+    registry: ModelRegistry,
+    framework: str,
+    data: st.DataObject,
+    drop: str,
 ) -> None:
+    package, _ = package_for(framework, request)
+    names = ["meta-a", "meta-b", "meta-c", "meta-d"]
+    if framework == "tensorflow":
+        assert_keras_run_metadata(registry, request.getfixturevalue("keras_run"))
+        meta = data.draw(metadata_strategy(names=names, frameworks=("tensorflow",)), label="meta")
+    else:
+        meta = data.draw(metadata_strategy(model_name=None, names=names), label="meta")
     # Incomplete metadata is refused, naming the missing field, and stores nothing.
     incomplete: dict[str, Any] = meta.to_dict()
     incomplete.pop("version")
