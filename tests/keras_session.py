@@ -419,7 +419,8 @@ class _Handler:  # pragma: no cover - runs in the child
 
 
 def _snapshot_worker_class() -> Any:  # pragma: no cover - runs in the child
-    from dlpipe.training.keras_checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, checksum_path
+    from dlpipe.training.checksums import checksum_path
+    from dlpipe.training.keras_checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
     from dlpipe.training.keras_worker import Worker
 
     class SnapshotWorker(Worker):  # type: ignore[misc]

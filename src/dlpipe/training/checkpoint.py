@@ -22,17 +22,15 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from dlpipe.training.checkpoint_io import (
-    CHECKSUM_SUFFIX,
     CheckpointError,
     ChecksummedCheckpointIO,
     Integrity,
     check_checkpoint,
-    checksum_path,
-    file_sha256,
     load_checkpoint_file,
     verify_checkpoint,
     write_checksum,
 )
+from dlpipe.training.checksums import CHECKSUM_SUFFIX, checksum_path, file_sha256
 
 __all__ = [
     "CHECKSUM_SUFFIX",

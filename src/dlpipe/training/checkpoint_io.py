@@ -18,7 +18,6 @@ checks a real one), so no `torch.serialization.add_safe_globals` is registered.
 from __future__ import annotations
 
 import enum
-import hashlib
 import os
 import pickle
 import re
@@ -30,7 +29,7 @@ from typing import IO, Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-CHECKSUM_SUFFIX = ".sha256"
+from dlpipe.training.checksums import checksum_path, file_sha256
 
 
 class CheckpointError(RuntimeError):
@@ -44,19 +43,6 @@ class Integrity(enum.Enum):
     UNVERIFIED = "unverified"  # no sidecar: nothing to check against
     CORRUPT = "corrupt"  # the sidecar disagrees with the file
     MISSING = "missing"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checksum_path(path: str | Path) -> Path:
-    return Path(str(path) + CHECKSUM_SUFFIX)
 
 
 def check_checkpoint(path: str | Path) -> tuple[Integrity, str]:

@@ -14,7 +14,6 @@ written through a temp file. Torch-free: the TensorFlow worker imports it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -23,8 +22,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from dlpipe.training.checksums import checksum_path, file_sha256
+
 STATE_ENTRY = "dlpipe_state.json"
-CHECKSUM_SUFFIX = ".sha256"
 LAST_CHECKPOINT = "last.keras"
 BEST_CHECKPOINT = "best.keras"
 
@@ -35,19 +35,6 @@ class KerasCheckpointError(RuntimeError):
 
 class KerasCheckpointCorruptedWarning(UserWarning):
     """A checkpoint failed verification and an older good one is used instead."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checksum_path(path: str | Path) -> Path:
-    return Path(str(path) + CHECKSUM_SUFFIX)
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
