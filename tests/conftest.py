@@ -64,3 +64,27 @@ def module_mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# Files that start processes (training, TensorFlow, CLI runs) go first: `make test` runs the
+# suite on two workers a file at a time, and a long file left for the end runs alone.
+_FIRST = (
+    "tests/training/test_launched.py",
+    "tests/training/test_distributed.py",
+    "tests/tensorflow/",
+    "tests/test_importer.py",
+    "tests/training/",
+    "tests/test_cli.py",
+    "tests/quality/",
+    "tests/tracking/",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(str(config.rootpath))
+
+    def rank(item: pytest.Item) -> int:
+        where = Path(str(item.path)).relative_to(root).as_posix()
+        return next((i for i, p in enumerate(_FIRST) if where.startswith(p)), len(_FIRST))
+
+    items.sort(key=rank)  # stable: the order inside a file is kept

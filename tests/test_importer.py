@@ -172,7 +172,8 @@ def test_import_optimize_and_serve(
 
     # Its recorded accuracy is what the source framework scores on the same test split.
     x, labels, images = test_split
-    expected = float((_source_logits(fmt, source, x).argmax(1) == labels).mean())
+    source_logits = _source_logits(fmt, source, x)
+    expected = float((source_logits.argmax(1) == labels).mean())
     assert result["metrics"]["test/acc"] == pytest.approx(expected, abs=1e-9)
 
     registry = ModelRegistry(tmp_mlflow_uri)
@@ -207,7 +208,7 @@ def test_import_optimize_and_serve(
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model_version"] == version
-    logits = _source_logits(fmt, source, x[:1])[0]
+    logits = source_logits[0]  # the served image is the split's first
     probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     top = body["predictions"][0]
     assert top["class_index"] == int(probs.argmax())

@@ -83,7 +83,7 @@ def test_extras_split_serving_from_training() -> None:
     (everything,) = extras["all"]
     assert set(everything.split("[")[1].rstrip("]").split(",")) >= {"serve", "train", "ray", "otel"}
     makefile = (ROOT / "Makefile").read_text()
-    assert "install -q -e '.[all,dev]'" in makefile
+    assert "install -q -e '.[all,dev,sagemaker,deepspeed]'" in makefile
 
 
 def _free_port() -> int:

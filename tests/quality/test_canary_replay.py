@@ -36,6 +36,9 @@ from dlpipe.quality.significance import required_samples
 from dlpipe.tracking.metadata import ModelMetadata
 from dlpipe.tracking.registry import ModelRegistry
 
+# Latency or timing is part of what is asserted: run alone, after the parallel part of the suite.
+pytestmark = pytest.mark.serial
+
 GAP, POWER = 0.10, 0.95
 SEEDS = 100
 CLIENTS = 8

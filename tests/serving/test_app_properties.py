@@ -23,6 +23,9 @@ from dlpipe.monitoring.gpu import GpuReading
 from dlpipe.serving import ServeSettings, create_app
 from dlpipe.serving.sources import LocalSource
 
+# Latency or timing is part of what is asserted: run alone, after the parallel part of the suite.
+pytestmark = pytest.mark.serial
+
 PROPERTY = settings(
     max_examples=100,
     deadline=None,

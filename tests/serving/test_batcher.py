@@ -15,6 +15,9 @@ from dlpipe.serving.admission import Arrivals
 from dlpipe.serving.batcher import BatchStats, MicroBatcher
 from dlpipe.serving.errors import BatcherClosed, DeadlineExceeded, Overloaded
 
+# Latency or timing is part of what is asserted: run alone, after the parallel part of the suite.
+pytestmark = pytest.mark.serial
+
 
 def _doubler(calls: list[list[int]]):  # type: ignore[no-untyped-def]
     def run(items: list[int]) -> list[int]:

@@ -36,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
 
 from text_helpers import make_text_package
 
+# Latency or timing is part of what is asserted: run alone, after the parallel part of the suite.
+pytestmark = pytest.mark.serial
+
 FUZZ = settings(
     max_examples=500,
     deadline=None,

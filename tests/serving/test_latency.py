@@ -17,6 +17,9 @@ from serving_helpers import png_bytes
 
 from dlpipe.evaluation import ServerProcess
 
+# Latency or timing is part of what is asserted: run alone, after the parallel part of the suite.
+pytestmark = pytest.mark.serial
+
 
 @pytest.fixture(scope="module")
 def server(cnn_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

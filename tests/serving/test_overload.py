@@ -26,6 +26,9 @@ from dlpipe.serving.middleware import RequestContextMiddleware
 from dlpipe.serving.security import Guard
 from loadgen import run_open_loop
 
+# Latency or timing is part of what is asserted: run alone, after the parallel part of the suite.
+pytestmark = pytest.mark.serial
+
 
 def run_async(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     """Run an async test body in a fresh event loop (no async pytest plugin needed)."""

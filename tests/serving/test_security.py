@@ -13,6 +13,9 @@ from serving_helpers import random_png, ready_client, upload
 from dlpipe.serving import ServeSettings, create_app
 from dlpipe.serving.sources import LocalSource
 
+# Latency or timing is part of what is asserted: run alone, after the parallel part of the suite.
+pytestmark = pytest.mark.serial
+
 
 @pytest.fixture(scope="module")
 def secured(cnn_package: Path) -> Iterator[TestClient]:
