@@ -60,13 +60,14 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest -q -p no:cacheprovider --timeout=900
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 unit: $(STAMP) system-deps
 	# One thread per process: the suite starts DDP groups, Ray workers and servers on 2 cores.
-	# Two pytest workers, a whole file each (module fixtures are built once); the tests that
-	# assert latency or timing (marker `serial`) then run alone.
-	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m 'not serial'
+	# Three pytest workers (tests wait on servers and subprocesses), a whole file each (module
+	# fixtures are built once), in the order collected (process-heavy files first, see
+	# tests/conftest.py); then the tests that assert latency or timing (marker serial) alone.
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m 'not serial'
 	$(PYTEST) -m serial
 
 test: lint typecheck unit
