@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test lint typecheck unit serve data system-deps clean
+.PHONY: run test lint typecheck unit unit-parallel unit-serial serve data system-deps clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -62,15 +62,23 @@ typecheck: $(STAMP)
 PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest -q -p no:cacheprovider --timeout=900
 TEST_WORKERS ?= 3
 
-unit: $(STAMP) system-deps
-	# One thread per process: the suite starts DDP groups, Ray workers and servers on 2 cores.
-	# Three pytest workers (tests wait on servers and subprocesses), a whole file each (module
-	# fixtures are built once), in the order collected (process-heavy files first, see
-	# tests/conftest.py); then the tests that assert latency or timing (marker serial) alone.
+unit: unit-parallel unit-serial
+
+# One thread per process: the suite starts DDP groups, Ray workers and servers on 2 cores.
+# Three pytest workers (tests wait on servers and subprocesses), a whole file each (module
+# fixtures are built once), in the order collected (process-heavy files first, see
+# tests/conftest.py); then the tests that assert latency or timing (marker serial) alone.
+unit-parallel: $(STAMP) system-deps
 	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m 'not serial'
+
+unit-serial: $(STAMP) system-deps
 	$(PYTEST) -m serial
 
-test: lint typecheck unit
+# mypy runs beside the parallel part of the suite (its CPU time fills the gaps); the timed
+# tests run after both.
+test: lint
+	$(MAKE) --no-print-directory -j2 typecheck unit-parallel
+	$(MAKE) --no-print-directory unit-serial
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db mlflow.db.dlpipe-routing .pytest_cache .mypy_cache .ruff_cache

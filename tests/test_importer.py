@@ -258,6 +258,8 @@ def test_import_errors_are_one_line(
     status: int,
     message: str,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     for rel, data in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -265,9 +267,21 @@ def test_import_errors_are_one_line(
     if "--name" not in args:
         args = [*args, "--name", "m"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = _dlpipe(["import", *args, *(a for o in OVERRIDES for a in ("-o", o))], tmp_path, uri)
-    assert proc.returncode == status, proc.stderr[-2000:]
-    [line] = proc.stderr.strip().splitlines()
+    argv = ["import", *args, *(a for o in OVERRIDES for a in ("-o", o))]
+    if status == 2:  # refused before any work: the CLI's entry point, in this process
+        from dlpipe import cli
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        code, err = cli.main(argv), capsys.readouterr().err
+        assert code == status, err[-2000:]
+        assert not (tmp_path / "mlflow.db").exists()
+    else:  # the job starts and fails: a real process
+        proc = _dlpipe(argv, tmp_path, uri)
+        assert proc.returncode == status, proc.stderr[-2000:]
+        err = proc.stderr
+    [line] = err.strip().splitlines()
     assert line.startswith("dlpipe import: error:") and message in line, line
 
 
