@@ -355,8 +355,23 @@ def _build_target(
             calib = _calibration(datamodule, count)
         result = optimizer.quantize(precision, calibration_inputs=calib)
         path, details = result.path, dict(result.settings)
+    return _evaluate_and_register(ctx, target, precision, path, path, ctx.test_batches, details)
+
+
+def _evaluate_and_register(
+    ctx: _Context,
+    target: str,
+    precision: str,
+    path: Path,
+    model: Any,
+    batches: list[Any],
+    details: dict[str, Any],
+    framework: str = "onnx",
+) -> VariantResult:
+    """Evaluate `model` (an ONNX file or a session over `path`) on `batches`, time it, gate it,
+    and register `path`'s package when the gate passes."""
     ctx.progress(target, "evaluate")
-    report = validate_accuracy(None, path, ctx.test_batches, original_predictions=ctx.original_pred)
+    report = validate_accuracy(None, model, batches, original_predictions=ctx.original_pred)
     variant = VariantResult(
         target, "kept", precision, size_mb=onnx_size_mb(path),
         accuracy=report.optimized_accuracy, drop=report.drop, details=details,
@@ -364,7 +379,7 @@ def _build_target(
     variant.details["agreement"] = report.agreement
     if ctx.measure:
         ctx.progress(target, "time")
-        variant.latency = measure_latency(path, ctx.inputs)
+        variant.latency = measure_latency(model, ctx.inputs)
     try:
         check_accuracy_gate(report, ctx.max_drop)
     except AccuracyDegradationError as err:
@@ -372,7 +387,7 @@ def _build_target(
         return variant
     if ctx.register:
         ctx.progress(target, "register")
-        variant.version = _register(ctx, target, precision, path, variant)
+        variant.version = _register(ctx, target, precision, path, variant, framework)
     return variant
 
 
@@ -424,27 +439,11 @@ def _tensorrt_variant(optimizer: ModelOptimizer, ctx: _Context) -> VariantResult
         "profile_max_batch": settings.max_batch,
         **{f"built_with_{k}": v for k, v in settings.built_with.items()},
     }
-    ctx.progress(target, "evaluate")
     batches = _rebatch(ctx.test_batches, settings.max_batch)  # never outside the profile
-    report = validate_accuracy(None, built.session, batches, original_predictions=ctx.original_pred)
-    path = package_dir / ONNX_FILE
-    variant = VariantResult(
-        target, "kept", precision, size_mb=onnx_size_mb(path),
-        accuracy=report.optimized_accuracy, drop=report.drop, details=details,
+    return _evaluate_and_register(
+        ctx, target, precision, package_dir / ONNX_FILE, built.session, batches, details,
+        framework="tensorrt",
     )  # fmt: skip
-    variant.details["agreement"] = report.agreement
-    if ctx.measure:
-        ctx.progress(target, "time")
-        variant.latency = measure_latency(built.session, ctx.inputs)
-    try:
-        check_accuracy_gate(report, ctx.max_drop)
-    except AccuracyDegradationError as err:
-        variant.status, variant.reason = "refused", str(err)
-        return variant
-    if ctx.register:
-        ctx.progress(target, "register")
-        variant.version = _register(ctx, target, precision, path, variant, framework="tensorrt")
-    return variant
 
 
 def _rebatch(batches: list[Any], size: int) -> list[Any]:
