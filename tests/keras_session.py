@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dlpipe.models.keras_runner import load_batches, save_batches
+
 HERE = Path(__file__).resolve().parent
 HAVE_TENSORFLOW = all(importlib.util.find_spec(m) for m in ("tensorflow", "keras", "tf2onnx"))
 FRAMEWORKS = [
@@ -58,22 +60,6 @@ class KerasSessionError(RuntimeError):
 
 
 # -- the pytest side ----------------------------------------------------------------------
-
-
-def _save_batches(path: Path, batches: Sequence[Inputs]) -> None:
-    """Batches as `keras_runner` reads them: `"<i>:<input name>"` ("" for a lone array)."""
-    arrays: dict[str, np.ndarray] = {}
-    for i, batch in enumerate(batches):
-        items = batch.items() if isinstance(batch, dict) else [("", batch)]
-        for name, value in items:
-            arrays[f"{i}:{name}"] = np.ascontiguousarray(value)
-    np.savez(path, allow_pickle=False, **arrays)
-
-
-def _load_logits(path: Path) -> list[np.ndarray]:
-    with np.load(path) as data:
-        found = {int(key.partition(":")[0]): data[key] for key in data.files}
-    return [found[i] for i in sorted(found)]
 
 
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
@@ -175,9 +161,9 @@ class KerasSession:
         single = isinstance(inputs, np.ndarray | dict)
         batches = [inputs] if isinstance(inputs, np.ndarray | dict) else list(inputs)
         src, dst = self.scratch(".in.npz"), self.scratch(".out.npz")
-        _save_batches(src, batches)
+        save_batches(src, batches)
         self.run("predict", str(model), str(src), str(dst))
-        logits = _load_logits(dst)
+        logits = [b["logits"] for b in load_batches(dst)]
         src.unlink()
         dst.unlink()
         return logits[0] if single else logits
@@ -192,9 +178,9 @@ class KerasSession:
     ) -> list[np.ndarray]:
         """`keras_runner.keras_to_onnx` in the session (tf2onnx); the parity inputs' logits."""
         src, dst = self.scratch(".in.npz"), self.scratch(".out.npz")
-        _save_batches(src, list(parity_inputs))
+        save_batches(src, list(parity_inputs))
         self.run("export", str(model), str(onnx_path), str(opset), str(src), str(dst))
-        return _load_logits(dst) if parity_inputs else []
+        return [b["logits"] for b in load_batches(dst)] if parity_inputs else []
 
     # keras_worker.Worker in the session
 

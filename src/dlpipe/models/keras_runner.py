@@ -60,7 +60,8 @@ def _call(args: list[str], timeout: float | None) -> None:
         raise KerasRunnerError(f"keras_runner {args[0]} failed ({done.returncode}):\n  {tail}")
 
 
-def _save_batches(path: Path, batches: Sequence[Inputs]) -> None:
+def save_batches(path: Path, batches: Sequence[Inputs]) -> None:
+    """Batches as the runner reads them: `"<i>:<input name>"` ("" for a lone array)."""
     arrays: dict[str, np.ndarray] = {}
     for i, batch in enumerate(batches):
         items = batch.items() if isinstance(batch, dict) else [("", batch)]
@@ -69,7 +70,8 @@ def _save_batches(path: Path, batches: Sequence[Inputs]) -> None:
     np.savez(path, allow_pickle=False, **arrays)
 
 
-def _load_batches(path: Path) -> list[dict[str, np.ndarray]]:
+def load_batches(path: Path) -> list[dict[str, np.ndarray]]:
+    """What `save_batches` wrote (or the runner's replies): one dict of arrays per batch."""
     out: dict[int, dict[str, np.ndarray]] = {}
     with np.load(path) as data:
         for key in data.files:
@@ -102,9 +104,9 @@ def keras_predict(
     batches: list[Inputs] = [inputs] if isinstance(inputs, np.ndarray | dict) else list(inputs)
     with tempfile.TemporaryDirectory(prefix="dlpipe-keras-run-") as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-        _save_batches(src, batches)
+        save_batches(src, batches)
         _call(["predict", str(model_path), str(src), str(dst)], timeout)
-        logits = [b["logits"] for b in _load_batches(dst)]
+        logits = [b["logits"] for b in load_batches(dst)]
     return logits[0] if single else logits
 
 
@@ -123,10 +125,10 @@ def keras_to_onnx(
     """
     with tempfile.TemporaryDirectory(prefix="dlpipe-keras-run-") as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-        _save_batches(src, list(parity_inputs))
+        save_batches(src, list(parity_inputs))
         args = ["export", str(model_path), str(onnx_path), str(opset), str(src), str(dst)]
         _call(args, timeout)
-        return [b["logits"] for b in _load_batches(dst)] if parity_inputs else []
+        return [b["logits"] for b in load_batches(dst)] if parity_inputs else []
 
 
 # -- frames: arrays over a pipe (both sides; numpy only) -----------------------------------
@@ -310,7 +312,7 @@ def _export(model_path: str, onnx_path: str, opset: str, src: str, dst: str) -> 
     onnx.checker.check_model(proto, full_check=True)
     Path(onnx_path).parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, onnx_path)
-    np.savez(dst, allow_pickle=False, **_predict_all(model, _load_batches(Path(src))))
+    np.savez(dst, allow_pickle=False, **_predict_all(model, load_batches(Path(src))))
 
 
 def _set_threads(tf: Any) -> None:
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         _build(*rest)
     elif command == "predict" and len(rest) == 3:
         model = _Runnable(rest[0])
-        np.savez(rest[2], allow_pickle=False, **_predict_all(model, _load_batches(Path(rest[1]))))
+        np.savez(rest[2], allow_pickle=False, **_predict_all(model, load_batches(Path(rest[1]))))
     elif command == "export" and len(rest) == 5:
         _export(*rest)
     elif command == "serve" and len(rest) == 1:
