@@ -31,6 +31,7 @@ from typing import Any
 
 from starlette.types import Message, Receive
 
+from dlpipe.serving.background import cancel_and_wait
 from dlpipe.serving.errors import Overloaded, PayloadTooLarge, ServingError
 
 
@@ -69,11 +70,8 @@ class LoopLagMonitor:
             self.lag_s = lag if lag > self.lag_s else 0.7 * self.lag_s + 0.3 * lag
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
 
 class Arrivals:
@@ -240,11 +238,8 @@ class Admission:
                 ticket.expire()
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await cancel_and_wait([self._sweeper])
+        self._sweeper = None
 
     def shed_reason(self) -> str | None:
         """Why a new inference request must be shed now, or None to admit it."""

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from dlpipe.routing import Heartbeat, RoutingPlan
+from dlpipe.serving.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,7 @@ class HeartbeatReporter:
 
     async def stop(self) -> None:
         """Stop reporting and remove this server's heartbeat (bounded: the store may be gone)."""
-        tasks = [t for t in (self._periodic, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([self._periodic, *self._tasks])
         writing = self._writing is not None and not self._writing.done()
         if self._withdraw is not None and self.last is not None and not writing:
             with contextlib.suppress(Exception):

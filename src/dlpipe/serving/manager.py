@@ -23,7 +23,6 @@ has landed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import time
@@ -34,6 +33,7 @@ from typing import Any
 from dlpipe.monitoring import MetricsCollector
 from dlpipe.routing import RoutingPlan, RoutingState
 from dlpipe.serving.admission import Arrivals
+from dlpipe.serving.background import cancel_and_wait
 from dlpipe.serving.errors import ModelUnavailable, VersionNotServed
 from dlpipe.serving.heartbeats import HeartbeatReporter, interval_for
 from dlpipe.serving.served import ServedModel
@@ -347,12 +347,7 @@ class ModelManager:
         """Stop following the source and close every batcher (queued requests finish first)."""
         if self.heartbeat is not None:
             await self.heartbeat.stop()
-        tasks = [t for t in (self._follow_task, *self._loading.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([self._follow_task, *self._loading.values()])
         await asyncio.gather(*(m.batcher.close() for m in self._loaded.values()))
         if self._draining:
             await asyncio.gather(*self._draining)
