@@ -189,6 +189,40 @@ def test_full_queue_sheds_load_with_retry_after() -> None:
     asyncio.run(main())
 
 
+def test_one_slow_batch_does_not_shut_out_every_later_request() -> None:
+    # A TensorFlow worker restart once made one batch take ~40 s: the per-item estimate then
+    # exceeded every deadline, every request was refused at admission, no batch ever ran
+    # again to correct it, and the model served nothing.
+    slow_once = [True]
+
+    def run(items: list[int]) -> list[int]:
+        if slow_once.pop() if slow_once else False:
+            time.sleep(0.5)
+        return items
+
+    async def main() -> None:
+        b = MicroBatcher(run, max_batch_size=4, max_wait_s=0.0, capacity=8)
+        b.start()
+        assert await b.submit(0, 2.0) == 0
+        assert b.per_item_s > 0.4  # the estimate now says: more than this deadline per item
+        # Nothing queued, nothing running: admitted, answered, and the estimate is corrected.
+        assert await b.submit(1, 0.2) == 1
+        assert b.per_item_s < 0.45
+        # With a batch in progress and a stale estimate, shedding still works.
+        gate = threading.Event()
+        b.run_batch = lambda items: (gate.wait(5), items)[1]
+        b.per_item_s = 1.0
+        running = asyncio.ensure_future(b.submit(2, 5.0))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded, match="expected wait"):
+            b.submit_nowait(3, 0.2)
+        gate.set()
+        assert await running == 2
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_deadline_gives_timeout_and_later_requests_still_work() -> None:
     def slow(items: list[int]) -> list[int]:
         time.sleep(0.3)

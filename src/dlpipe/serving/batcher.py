@@ -94,6 +94,7 @@ class MicroBatcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._busy_until = 0.0  # loop time the batch in progress is expected to end
+        self._running = False  # a batch is on the inference thread
         self.per_item_s = 0.0  # moving average of inference time per item (admission control)
         self.batches_run = 0
         self.items_run = 0
@@ -145,7 +146,13 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         now = loop.time()
         queued = len(self._pending)
-        expected_wait = max(0.0, self._busy_until - now) + (queued + 1) * self.per_item_s
+        if queued == 0 and not self._running:
+            # Nothing ahead: always let it through. The estimate below only learns from batches
+            # that run, so one slow batch (a worker restart, a cold start) must not make it
+            # refuse every later request, and this one refreshes it.
+            expected_wait = 0.0
+        else:
+            expected_wait = max(0.0, self._busy_until - now) + (queued + 1) * self.per_item_s
         check_queue(self.name, queued, self.capacity, expected_wait, timeout_s, self.per_item_s)
         future: asyncio.Future[R] = loop.create_future()
         if timing is not None:
@@ -254,12 +261,15 @@ class MicroBatcher(Generic[T, R]):
         timing = [0.0]
         traced = [p.timing for p in live if p.timing is not None]
         started_ns = time.time_ns() if traced else 0
+        self._running = True
         try:
             outcomes = await loop.run_in_executor(
                 self._executor, self._timed, [p.item for p in live], timing
             )
         except Exception as err:  # the executor itself failed (shut down): fail them all
             outcomes = [(False, err)] * len(live)
+        finally:
+            self._running = False
         if traced:
             ended_ns = time.time_ns()
             for t in traced:
