@@ -103,11 +103,19 @@ def test_killed_rank_ends_the_whole_job_quickly(
     assert not [pid for pid, cmd in _children(job.pid) if "spawn_main" in cmd]
 
 
-def test_ray_two_workers_train_and_register(
-    fmnist_config: Callable[..., PipelineConfig], tmp_mlflow_uri: str
+def test_ray_two_workers_train_register_and_take_the_model_from_shared_storage(
+    fmnist_config: Callable[..., PipelineConfig], tmp_mlflow_uri: str, tmp_path: Path
 ) -> None:
+    # One Ray run (a local cluster costs ~30 s and 3 GiB) checks both the training contract
+    # and `training.storage_path`: the driver takes the model from Ray's storage, never from
+    # the workers' disks (on a cluster, rank 0's disk is another machine's).
     pytest.importorskip("ray.train.lightning", reason="ray[train] is not installed")
-    cfg = fmnist_config("training.strategy=ray", "training.num_processes=2")
+    from dlpipe.training.ray_fit import OUTCOME_FILE
+
+    shared = tmp_path / "nfs" / "ray"  # stands for a mount every node shares
+    cfg = fmnist_config(
+        "training.strategy=ray", "training.num_processes=2", f"training.storage_path={shared}"
+    )
     result = train(cfg)
     assert result.model_version == "1"
     assert 0.0 < result.metrics["test/acc"] <= 1.0
@@ -120,3 +128,10 @@ def test_ray_two_workers_train_and_register(
     assert run_dir / "last.ckpt" in files and Path(result.checkpoint or "") in files
     for ckpt in files:
         assert verify_checkpoint(ckpt) is None, ckpt
+    reported = sorted(shared.rglob(OUTCOME_FILE))
+    assert len(reported) == 1, reported  # rank 0's final report, in the shared storage
+    stored = reported[0].parent / Path(result.checkpoint or "").name
+    assert stored.is_file() and verify_checkpoint(stored) is None
+    # The driver's copy is byte for byte the reported one, and verified.
+    local = Path(result.checkpoint or "")
+    assert local.read_bytes() == stored.read_bytes() and verify_checkpoint(local) is None
