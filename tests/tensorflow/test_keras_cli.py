@@ -162,7 +162,7 @@ def test_a_failed_keras_export_fails_the_onnx_variants_only(
     def broken(*_: Any, **__: Any) -> Any:  # what tf2onnx does with an op it cannot convert
         raise ExportError("tf2onnx export of model.keras failed: unsupported op FancyOp")
 
-    monkeypatch.setattr(tf_export, "export_keras_package", broken)
+    monkeypatch.setattr(tf_export, "export_and_predict", broken)
     report = optimize_version(
         NAME, "1", ["onnx", "int8", "pruned"], registry=ModelRegistry(module_mlflow_uri),
         register=False, measure=False,

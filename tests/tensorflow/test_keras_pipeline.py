@@ -70,7 +70,7 @@ def test_keras_version_serves_itself_when_its_export_fails(
     def broken(*_: Any, **__: Any) -> Any:  # what tf2onnx does with an op it cannot convert
         raise ExportError("tf2onnx export failed: unsupported op FancyOp")
 
-    monkeypatch.setattr(tf_export, "export_keras_package", broken)
+    monkeypatch.setattr(tf_export, "export_and_predict", broken)
     monkeypatch.setenv("DLPIPE_MODEL_CACHE", str(tmp_path / "cache"))
     # run_pipeline pins MLflow's process-wide tracking URI (`dlpipe run` is one process per
     # run); put MLflow's unset default back afterwards, or later tests' runs would land in

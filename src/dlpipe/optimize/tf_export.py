@@ -100,12 +100,29 @@ def export_keras(
         ExportError: tf2onnx failed or the graph failed `onnx.checker`.
         ParityError: ONNX Runtime differs from Keras beyond the tolerance.
     """
+    result, _ = _export(keras_path, output_path, input_names, parity_inputs, (), opset, atol, rtol)
+    return result
+
+
+def _export(
+    keras_path: str | Path,
+    output_path: str | Path,
+    input_names: Sequence[str],
+    parity_inputs: Sequence[Inputs],
+    predict_inputs: Sequence[Inputs],
+    opset: int,
+    atol: float,
+    rtol: float,
+) -> tuple[ExportResult, list[np.ndarray]]:
+    """`export_keras`, and the Keras logits of `predict_inputs` from the same TensorFlow process
+    (each TensorFlow start costs seconds)."""
     final = Path(output_path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    batches = [*parity_inputs, *predict_inputs]
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=".export-") as staging:
         staged = Path(staging) / final.name
         try:
-            expected = keras_to_onnx(keras_path, staged, opset=opset, parity_inputs=parity_inputs)
+            logits = keras_to_onnx(keras_path, staged, opset=opset, parity_inputs=batches)
             onnx.checker.check_model(str(staged), full_check=True)
         except (KerasRunnerError, onnx.checker.ValidationError) as err:
             raise ExportError(f"tf2onnx export of {keras_path} failed: {err}") from err
@@ -113,10 +130,12 @@ def export_keras(
         graph_inputs = [i.name for i in graph.input]
         if graph_inputs != list(input_names):
             raise ExportError(f"exported inputs {graph_inputs} != expected {list(input_names)}")
+        expected = logits[: len(parity_inputs)]
         diff = check_keras_parity(staged, parity_inputs, expected, atol, rtol)
         publish_onnx(staged, final)
     size = round(final.stat().st_size / 1e6, 4)
-    return ExportResult(final, "tf2onnx", opset, list(input_names), diff, size)
+    result = ExportResult(final, "tf2onnx", opset, list(input_names), diff, size)
+    return result, logits[len(parity_inputs) :]
 
 
 def export_keras_package(
@@ -137,6 +156,21 @@ def export_keras_package(
         parity_inputs: preprocessed batches (e.g. 100 test images); default: two random ones.
         opset: default the package config's `optimize.opset`.
     """
+    result, _ = export_and_predict(package_dir, output_path, parity_inputs, (), opset, atol, rtol)
+    return result
+
+
+def export_and_predict(
+    package_dir: str | Path,
+    output_path: str | Path,
+    parity_inputs: Sequence[Inputs] | None,
+    predict_inputs: Sequence[Inputs],
+    opset: int | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> tuple[ExportResult, list[np.ndarray]]:
+    """`export_keras_package`, and the Keras logits of each `predict_inputs` batch computed by
+    the same TensorFlow process (`dlpipe optimize`: the parent's predictions on the test set)."""
     package = Path(package_dir)
     keras_path = package / KERAS_FILE
     if not keras_path.is_file():
@@ -151,6 +185,13 @@ def export_keras_package(
             assert pre.image_size is not None
             shape = [pre.channels or 1, *pre.image_size]
         parity_inputs = default_parity_inputs(names, shape)
-    return export_keras(
-        keras_path, output_path, names, parity_inputs, opset or cfg.optimize.opset, atol, rtol
+    return _export(
+        keras_path,
+        output_path,
+        names,
+        parity_inputs,
+        predict_inputs,
+        opset or cfg.optimize.opset,
+        atol,
+        rtol,
     )

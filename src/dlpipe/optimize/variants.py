@@ -278,19 +278,22 @@ def _start(kind: ParentKind, package: Path, cfg: Any, work: Path, batches: list[
         optimizer = ModelOptimizer.from_onnx(fp32, preprocessing=cfg.preprocessing, work_dir=work)
         return _Start(optimizer, predictions(fp32, batches), kind=kind)
     from dlpipe.models.keras_runner import keras_predict
-    from dlpipe.optimize.tf_export import export_keras_package
+    from dlpipe.optimize import tf_export
     from dlpipe.tracking.package import KERAS_FILE
 
-    # The parent's own predictions: Keras in a TensorFlow subprocess, never in this one.
-    logits = keras_predict(package / KERAS_FILE, [_numpy_batch(x) for x, _ in batches])
-    keras_pred = np.concatenate([np.asarray(z).argmax(axis=1) for z in logits])
+    # The parent's own predictions: Keras in a TensorFlow subprocess, never in this one; the
+    # process that exports computes them too.
+    inputs = [_numpy_batch(x) for x, _ in batches]
     try:
-        exported = export_keras_package(
-            package, work / "model.fp32.onnx",
-            parity_inputs=[first_samples(batches, PARITY_SAMPLES)], opset=cfg.optimize.opset,
+        exported, logits = tf_export.export_and_predict(
+            package, work / "model.fp32.onnx", [first_samples(batches, PARITY_SAMPLES)], inputs,
+            opset=cfg.optimize.opset,
         )  # fmt: skip
     except ExportError as err:  # ParityError too: every ONNX variant fails with this reason
+        logits = keras_predict(package / KERAS_FILE, inputs)
+        keras_pred = np.concatenate([np.asarray(z).argmax(axis=1) for z in logits])
         return _Start(None, keras_pred, export_error=err, kind=kind)
+    keras_pred = np.concatenate([np.asarray(z).argmax(axis=1) for z in logits])
     optimizer = ModelOptimizer.from_onnx(
         exported.path, preprocessing=cfg.preprocessing, work_dir=work, export_result=exported
     )
