@@ -12,6 +12,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
+# Some images set PYTHONDONTWRITEBYTECODE: then every process the suite starts (CLI runs, DDP
+# ranks, servers, TensorFlow workers) compiles dlpipe's own modules again.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: run test lint typecheck unit unit-parallel unit-serial serve data system-deps clean
 
