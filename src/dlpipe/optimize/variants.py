@@ -261,6 +261,10 @@ PARITY_SAMPLES = 100
 (relative), the TensorRT engine within its FP16 tolerance (`dlpipe.optimize.tensorrt`)."""
 
 
+def _argmax(logits: list[Any]) -> np.ndarray:
+    return np.concatenate([np.asarray(z).argmax(axis=1) for z in logits])
+
+
 def _start(kind: ParentKind, package: Path, cfg: Any, work: Path, batches: list[Any]) -> _Start:
     if kind == "pytorch":
         from dlpipe.tracking.package import load_torch_model
@@ -291,9 +295,8 @@ def _start(kind: ParentKind, package: Path, cfg: Any, work: Path, batches: list[
         )  # fmt: skip
     except ExportError as err:  # ParityError too: every ONNX variant fails with this reason
         logits = keras_predict(package / KERAS_FILE, inputs)
-        keras_pred = np.concatenate([np.asarray(z).argmax(axis=1) for z in logits])
-        return _Start(None, keras_pred, export_error=err, kind=kind)
-    keras_pred = np.concatenate([np.asarray(z).argmax(axis=1) for z in logits])
+        return _Start(None, _argmax(logits), export_error=err, kind=kind)
+    keras_pred = _argmax(logits)
     optimizer = ModelOptimizer.from_onnx(
         exported.path, preprocessing=cfg.preprocessing, work_dir=work, export_result=exported
     )

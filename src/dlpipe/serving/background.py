@@ -10,7 +10,6 @@ hangs. `cancel_and_wait` cancels again until every task has finished.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -31,8 +30,6 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[object] | None]) -> None:
             task.cancel()
         await asyncio.wait(pending, timeout=RECANCEL_S)
     for task in every:
-        if not task.cancelled():
-            with contextlib.suppress(asyncio.CancelledError):
-                err = task.exception()
-                if err is not None:
-                    log.warning("background task %s ended with %r", task.get_name(), err)
+        err = None if task.cancelled() else task.exception()
+        if err is not None:
+            log.warning("background task %s ended with %r", task.get_name(), err)
