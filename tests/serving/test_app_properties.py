@@ -351,3 +351,31 @@ def test_a_failed_model_load_is_logged_with_its_traceback(
     failed = [r for r in caplog.records if "failed" in r.getMessage() and r.exc_info]
     assert failed, [r.getMessage() for r in caplog.records]
     assert "ModelLoadError" in caplog.text
+
+
+def test_answered_requests_leave_no_reference_cycles(client: TestClient) -> None:
+    """A request's objects (its uploads, samples, closures) are freed by reference counting when
+    it ends. One cycle per request once left them all to the collector, which then ran every
+    few requests (docs/benchmarks.md, issue 10: 30 us of event-loop time per request)."""
+    import gc
+
+    image = png_bytes(np.zeros((28, 28), np.uint8))
+    tensor = {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}
+    client.post("/predict", files=upload(image)).raise_for_status()  # warm: caches, lazy imports
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(5):
+            client.post("/predict", files=upload(image)).raise_for_status()
+            client.post("/predict/batch", files=[("files", ("a.png", image, "image/png"))] * 2)
+            client.post("/v2/models/fashion/infer", json={"inputs": [tensor]}).raise_for_status()
+        gc.collect()
+        ours = [
+            o
+            for o in gc.garbage
+            if (getattr(o, "__module__", None) or type(o).__module__ or "").startswith("dlpipe")
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not ours, sorted({getattr(o, "__qualname__", type(o).__qualname__) for o in ours})
