@@ -112,7 +112,11 @@ def _bodies(draw: st.DrawFn, field: str | None = None) -> tuple[bytes, bytes, in
             headers.append(b"Content-Type: " + draw(st.sampled_from([b"image/png", b"a/b; c=d"])))
         if draw(st.booleans()):
             headers.reverse()
-        parts.append(b"\r\n".join(headers) + b"\r\n\r\n" + draw(_CONTENT))
+        content = draw(_CONTENT)
+        if field is not None:  # a well-formed part never holds its own delimiter
+            tail = content + b"\r\n--" + boundary
+            content = content if tail.find(b"\r\n--" + boundary) == len(content) else b"x"
+        parts.append(b"\r\n".join(headers) + b"\r\n\r\n" + content)
     body = b"--" + boundary + b"\r\n"
     body += (b"\r\n--" + boundary + b"\r\n").join(parts)
     body += b"\r\n--" + boundary + b"--"

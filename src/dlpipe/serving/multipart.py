@@ -84,7 +84,7 @@ def split_files(
         end = body.find(delimiter, headers_end + 4)
         if end < 0:
             return None
-        name, filename = part
+        filename = part[1]
         files.append((filename or f"{field}[{len(files)}]", body[headers_end + 4 : end]))
         after = end + len(delimiter)
         follows = body[after : after + 2]
