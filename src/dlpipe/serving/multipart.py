@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import re
 
+FAST_PATH_MAX_BYTES = 1024 * 1024
+"""Bodies up to this size (declared in Content-Length) are read whole and split here. Larger ones
+stream through Starlette's parser, which spools big files to disk as they arrive instead of
+holding the body twice (the whole body, then each file cut from it)."""
+
 _CONTENT_TYPE = re.compile(
     rb"multipart/form-data;[ \t]*boundary=(\"?)([0-9A-Za-z'()+_,\-./:=?]{1,70})\1[ \t]*",
     re.IGNORECASE,

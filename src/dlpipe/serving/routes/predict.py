@@ -21,7 +21,7 @@ from dlpipe.serving.deps import (
 from dlpipe.serving.dispatch import Prepared, infer, responding
 from dlpipe.serving.errors import InvalidRequest, ServingError, UnsupportedMediaType
 from dlpipe.serving.inputs import INLINE_DECODE_PIXELS, Sample, loads
-from dlpipe.serving.multipart import split_files
+from dlpipe.serving.multipart import FAST_PATH_MAX_BYTES, split_files
 from dlpipe.serving.quality import Capture, observe_error, observe_prediction
 from dlpipe.serving.served import ServedModel
 
@@ -73,13 +73,16 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 async def _uploads(request: Request, field: str, max_files: int) -> list[tuple[str, bytes]]:
-    # The usual body (file parts only, as HTTP clients write them) is split directly; any other
-    # goes through Starlette's parser, which reads the body cached here and answers as before.
-    body = await request.body()
-    content_type = request.headers.get("content-type", "").encode("latin-1")
-    files = split_files(body, content_type, field, max_files)
-    if files is not None:
-        return files
+    # A small body of file parts only, as HTTP clients write them, is split directly. Any other
+    # goes through Starlette's parser (which reads a body cached here, or streams a large one
+    # as it arrives) and is answered as before.
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) <= FAST_PATH_MAX_BYTES:
+        body = await request.body()
+        content_type = request.headers.get("content-type", "").encode("latin-1")
+        split = split_files(body, content_type, field, max_files)
+        if split is not None:
+            return split
     try:
         form = await request.form(max_files=max_files, max_fields=max_files + 8)
     except MultiPartException as err:
