@@ -166,3 +166,21 @@ def test_texts_from_another_corpus_drift(tmp_path: Path) -> None:
     assert max(same.values()) < 0.1, same
     assert other["vocab_coverage"] > DRIFT_THRESHOLD
     assert not math.isnan(other["tokens"])
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 96, 96)])
+def test_summaries_of_a_served_group_equal_the_profiles_batch_statistics(
+    shape: tuple[int, ...],
+) -> None:
+    """Small images are stacked and summarized in one call, large ones one at a time: either
+    way each value equals the one the profile computes over its whole batch."""
+    from dlpipe.quality.summary import image_statistics, summarize_many
+
+    batch = np.random.default_rng(0).standard_normal((7, *shape)).astype(np.float32)
+    sizes = [100 + i for i in range(7)]
+    served = summarize_many([(batch[i], sizes[i], None) for i in range(7)])
+    profile = image_statistics(batch, sizes)
+    means = np.round(profile["mean_intensity"], 5).tolist()
+    contrasts = np.round(profile["contrast"], 5).tolist()
+    for i, summary in enumerate(served):
+        assert summary == {"mean_intensity": means[i], "contrast": contrasts[i], "pixels": sizes[i]}

@@ -28,6 +28,10 @@ import numpy as np
 IMAGE_STATISTICS = ("mean_intensity", "contrast", "pixels")
 TEXT_STATISTICS = ("tokens", "vocab_coverage")
 _COUNTS = frozenset({"pixels", "tokens"})
+_STACK_BELOW = 16_384
+"""Images with fewer values are stacked and summarized in one numpy call (the per-call overhead
+dominates); larger ones one at a time, without copying them into a stack first."""
+
 CLASS_STATISTIC = "predicted_class"
 """The drift statistic of the predicted class distribution (categorical)."""
 
@@ -105,13 +109,16 @@ def summarize_many(
             mask = np.stack([inputs[i][0]["attention_mask"] for i in members])
             stats = text_statistics(ids, mask, table)
         else:
-            # concatenate + reshape: a third of np.stack's cost per sample
             shape = np.shape(inputs[members[0]][0])
-            flat = [np.asarray(inputs[i][0]).reshape(1, -1) for i in members]
-            batch = np.concatenate(flat).reshape(len(members), *shape)
             h, w = shape[-2:]
             sizes = [int(inputs[i][1] or h * w) for i in members]
-            stats = image_statistics(batch, sizes)
+            flat = [np.asarray(inputs[i][0]).reshape(1, -1) for i in members]
+            if flat[0].shape[1] >= _STACK_BELOW:  # one call each: no copy of large images
+                parts = [image_statistics(row, [n]) for row, n in zip(flat, sizes, strict=True)]
+                stats = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+            else:  # concatenate + reshape: a third of np.stack's cost per sample
+                batch = np.concatenate(flat).reshape(len(members), *shape)
+                stats = image_statistics(batch, sizes)
         columns = {
             name: values.astype(np.int64).tolist()
             if name in _COUNTS
