@@ -92,19 +92,39 @@ async def test_requests_beyond_the_in_flight_cap_get_503_at_once() -> None:
 @run_async
 async def test_a_late_event_loop_sheds_inference_until_it_catches_up() -> None:
     inner = _GatedApp()
-    inner.gate.set()
     lag = LoopLagMonitor()  # not started: the test sets the measured lag itself
     app = _shedding(inner, lag=lag, max_lag_s=0.025)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        held = asyncio.create_task(client.post("/predict", content=b"x"))
+        while inner.entered < 1:
+            await asyncio.sleep(0.001)
         lag.lag_s = 0.040
-        shed = await client.post("/predict", content=b"x")
+        shed = await client.post("/predict", content=b"x")  # one in flight, the loop late
         health = await client.get("/health")
         lag.lag_s = 0.010
+        inner.gate.set()
         served = await client.post("/predict", content=b"x")
+        assert (await held).status_code == 200
     assert shed.status_code == 503
     assert "event loop 40 ms behind" in shed.json()["error"]["message"]
     assert health.status_code == 200 and served.status_code == 200
+
+
+@run_async
+async def test_a_late_loop_with_nothing_in_flight_still_admits_a_request() -> None:
+    """Lateness with no request of ours in flight comes from elsewhere (another process on
+    the CPU): refusing the one request relieves nothing. (Under the test suite's load, lone
+    requests to in-process apps were refused this way.)"""
+    inner = _GatedApp()
+    inner.gate.set()
+    lag = LoopLagMonitor()
+    app = _shedding(inner, lag=lag, max_lag_s=0.025)
+    lag.lag_s = 0.5
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        alone = await client.post("/predict", content=b"x")
+    assert alone.status_code == 200
 
 
 @run_async

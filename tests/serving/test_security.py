@@ -91,6 +91,7 @@ def test_saturated_event_loop_sheds_new_requests_promptly(secured: TestClient) -
     assert secured.portal is not None
     secured.portal.call(monitor.stop)  # freeze the reading the test sets
     monitor.lag_s = 5.0  # the loop runs 5 s late: the CPU is the queue
+    in_flight = app.state.admission.admit()  # type: ignore[attr-defined]  # one request inside
     try:
         r = secured.post("/predict", files=_png(), headers={"X-API-Key": "beta-key"})
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
@@ -98,6 +99,7 @@ def test_saturated_event_loop_sheds_new_requests_promptly(secured: TestClient) -
         assert "event loop" in r.json()["error"]["message"]
         assert secured.get("/health").status_code == 200  # probes are never shed
     finally:
+        in_flight.release()
         monitor.lag_s = 0.0
         secured.portal.call(monitor.start)
     ok = secured.post("/predict", files=_png(), headers={"X-API-Key": "beta-key"})

@@ -242,10 +242,16 @@ class Admission:
         self._sweeper = None
 
     def shed_reason(self) -> str | None:
-        """Why a new inference request must be shed now, or None to admit it."""
+        """Why a new inference request must be shed now, or None to admit it.
+
+        A late loop sheds only while requests are in flight: they are what a late loop queues.
+        With none, the lateness comes from elsewhere (another process on the CPU, a pause),
+        refusing the one request would relieve nothing, and a lone client would be refused for
+        as long as the machine stays busy.
+        """
         if self.in_flight >= self.max_in_flight:
             return f"{self.in_flight} requests in flight"
-        if self.lag is not None and self.lag.lag_s > self.max_lag_s:
+        if self.lag is not None and self.in_flight > 0 and self.lag.lag_s > self.max_lag_s:
             return f"event loop {self.lag.lag_s * 1000:.0f} ms behind"
         return None
 
