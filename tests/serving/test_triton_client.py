@@ -20,16 +20,11 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
 from text_helpers import make_text_package  # noqa: E402
 
-# These tests check the protocol, not overload: on 2 cores busy with the rest of the suite the
-# event loop can lag 150 ms (a tenth of the request timeout), and the server then sheds with
-# 503, as it should (tests/serving/test_overload.py). Shed only at a lag near the timeout here.
-NO_LAG_SHEDDING = {"DLPIPE_MAX_LOOP_LAG_MS": "1000"}
-
 
 @pytest.fixture(scope="module")
 def image_server(cnn_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("triton") / "server.log"
-    env = {"DLPIPE_MODEL_NAME": "fashion", **NO_LAG_SHEDDING}
+    env = {"DLPIPE_MODEL_NAME": "fashion"}
     with ServerProcess(package=str(cnn_package), env=env, log_path=log) as server:
         yield f"127.0.0.1:{server.port}"
 
@@ -106,9 +101,7 @@ def test_text_model_takes_raw_strings_as_bytes(tmp_path: Path) -> None:
     from dlpipe.models.pretrained import minilm_dir
 
     package = make_text_package(tmp_path, minilm_dir(), length=16)
-    with ServerProcess(
-        package=str(package), env={"DLPIPE_MODEL_NAME": "text", **NO_LAG_SHEDDING}
-    ) as server:
+    with ServerProcess(package=str(package), env={"DLPIPE_MODEL_NAME": "text"}) as server:
         client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
         meta = client.get_model_metadata("text")
         assert meta["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": [-1]}
